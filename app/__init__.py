@@ -1,0 +1,1 @@
+"""The Streamlit dashboard (issue #5)."""

@@ -1,0 +1,64 @@
+"""Host readings of the trainer process: resident memory, its peak, and CPU use.
+
+A CPU run's out-of-memory is a host OOM, and a GPU run can still die of the host (pinned buffers,
+data loaders), so RSS is recorded next to the device figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from collector.readings import HostReading
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_KIB = 1024
+
+
+def _peak_rss_bytes() -> int:
+    import resource  # POSIX only: imported here so a Windows run loses one field, not the probe
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KiB on Linux but bytes on macOS (getrusage(2) on each).
+    return int(peak) if sys.platform == "darwin" else int(peak) * BYTES_PER_KIB
+
+
+class HostProbe:
+    """Reads this process as the OS sees it; a field that cannot be read is None, logged once."""
+
+    def __init__(self) -> None:
+        self._logged_fields: set[str] = set()
+        self._process: psutil.Process | None = self._read("process", psutil.Process)
+        # psutil's first non-blocking cpu_percent() is a meaningless 0.0 that only sets the
+        # baseline; take it now so the first sample covers the time since construction.
+        if self._process is not None:
+            self._read("cpu_percent", self._process.cpu_percent, None)
+
+    def sample(self) -> HostReading:
+        taken_at = time.time()
+        rss = cpu = None
+        if self._process is not None:
+            memory = self._read("rss", self._process.memory_info)
+            rss = None if memory is None else int(memory.rss)
+            cpu = self._read("cpu_percent", self._process.cpu_percent, None)
+        return HostReading(
+            taken_at=taken_at,
+            rss_bytes=rss,
+            peak_rss_bytes=self._read("peak_rss", _peak_rss_bytes),
+            cpu_percent=None if cpu is None else float(cpu),
+        )
+
+    def _read(self, field: str, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except Exception as exc:  # noqa: BLE001 - one field failing must not lose the others
+            if field not in self._logged_fields:
+                self._logged_fields.add(field)
+                log.warning("cannot read host %s (%s: %s); recording it as missing", field, type(exc).__name__, exc)
+            return None

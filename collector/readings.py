@@ -1,0 +1,83 @@
+"""The readings the collector produces: small immutable records with units in their field names.
+
+A field a probe could not read is None, never a made-up zero. Every reading carries the wall
+time it was taken at (`taken_at`, seconds since the epoch) so fields taken together agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AllocatorReading:
+    """One `torch.cuda.memory_stats()` call, reduced to what a timeline needs.
+
+    Peaks are since the previous reading: the collector resets peak stats after each step.
+    """
+
+    taken_at: float
+    allocated_bytes: int
+    reserved_bytes: int
+    active_bytes: int
+    inactive_split_bytes: int
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    num_alloc_retries: int
+    num_ooms: int
+
+
+@dataclass(frozen=True)
+class TensorBreakdown:
+    """What the training step's tensors hold, counted from the tensors themselves (any device).
+
+    activation_bytes is the largest total saved for backward by one micro-batch's forward
+    (saved-tensor hooks, parameters excluded, shared storage counted once).
+    """
+
+    parameter_bytes: int
+    trainable_parameter_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    activation_bytes: int | None
+
+
+@dataclass(frozen=True)
+class HostReading:
+    """The trainer process as the operating system sees it."""
+
+    taken_at: float
+    rss_bytes: int | None
+    peak_rss_bytes: int | None
+    cpu_percent: float | None
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """One NVML sample of one GPU, taken in one pass."""
+
+    taken_at: float
+    gpu_index: int
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    gpu_util_percent: float | None
+    memory_util_percent: float | None
+    temperature_c: float | None
+    power_w: float | None
+    process_used_bytes: int | None
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """Everything recorded for one optimizer step; the unit the sink writes to `step_samples`."""
+
+    step: int
+    wall_time: float
+    loss: float | None
+    tokens: int
+    seq_len: int
+    step_seconds: float
+    tokens_per_s: float | None
+    allocator: AllocatorReading | None
+    tensors: TensorBreakdown
+    host: HostReading

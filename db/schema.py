@@ -1,0 +1,125 @@
+"""The tables oomlens stores, as SQLAlchemy models; migrations must create exactly this.
+
+Byte counts are BigInteger because a GPU's memory passes 2^31 bytes. Times are unix seconds as
+double precision: a single-precision FLOAT (MySQL's) would round them to minutes.
+Constraint names follow NAMING_CONVENTION so later migrations can drop or alter them by name
+(SQLite's batch mode cannot find unnamed constraints).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    column,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+RUN_STATUSES = ("running", "completed", "failed", "oom", "stopped", "killed")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {float: Double, dict[str, Any]: JSON, str: String}
+
+
+class RunRow(Base):
+    """One training run, whoever launched it; children point at the run they re-ran with a fix."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        CheckConstraint(column("status").in_(RUN_STATUSES), name="status"),
+        # Never reuse the id of a deleted run: ids appear in URLs and in parent_run_id.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    name: Mapped[str | None]
+    status: Mapped[str]
+    config: Mapped[dict[str, Any]]
+    environment: Mapped[dict[str, Any] | None]
+    parent_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    created_at: Mapped[float]
+    started_at: Mapped[float | None]
+    ended_at: Mapped[float | None]
+    heartbeat_at: Mapped[float | None]
+    pid: Mapped[int | None]
+    host: Mapped[str | None]
+    device: Mapped[str | None]
+    device_name: Mapped[str | None]
+    device_total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    exit_code: Mapped[int | None]
+    signal_name: Mapped[str | None]
+    error_text: Mapped[str | None] = mapped_column(Text)
+    samples_dropped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class StepSampleRow(Base):
+    """One optimizer step: `collector.readings.StepSample` with its nested readings flattened."""
+
+    __tablename__ = "step_samples"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    wall_time: Mapped[float]
+    loss: Mapped[float | None]
+    tokens: Mapped[int]
+    seq_len: Mapped[int]
+    step_seconds: Mapped[float]
+    tokens_per_s: Mapped[float | None]
+    # Allocator: all NULL on a device without caching-allocator stats (the CPU).
+    allocated_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    reserved_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    active_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    inactive_split_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    peak_allocated_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    peak_reserved_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    num_alloc_retries: Mapped[int | None]
+    num_ooms: Mapped[int | None]
+    # Tensor breakdown, counted from the tensors on any device.
+    parameter_bytes: Mapped[int] = mapped_column(BigInteger)
+    trainable_parameter_bytes: Mapped[int] = mapped_column(BigInteger)
+    gradient_bytes: Mapped[int] = mapped_column(BigInteger)
+    optimizer_state_bytes: Mapped[int] = mapped_column(BigInteger)
+    activation_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Host process.
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    cpu_percent: Mapped[float | None]
+
+
+class DeviceSampleRow(Base):
+    """One NVML reading of one GPU; sampled on its own clock, so keyed by time, not step."""
+
+    __tablename__ = "device_samples"
+    __table_args__ = (Index("ix_device_samples_run_id_taken_at", "run_id", "taken_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    taken_at: Mapped[float]
+    gpu_index: Mapped[int]
+    memory_used_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    memory_total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_util_percent: Mapped[float | None]
+    memory_util_percent: Mapped[float | None]
+    temperature_c: Mapped[float | None]
+    power_w: Mapped[float | None]
+    process_used_bytes: Mapped[int | None] = mapped_column(BigInteger)

@@ -1,0 +1,133 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, RunConfig, apply_overrides, load_config, validate_config
+
+ISSUE_EXAMPLE = """
+model:   {name: tiny-llama, dtype: fp32, attn_implementation: sdpa, gradient_checkpointing: false}
+lora:    {r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
+data:    {source: synthetic, seq_len: 256, vary_length: false}
+train:   {micro_batch_size: 2, grad_accum_steps: 1, max_steps: 20, lr: 1.0e-4,
+          optimizer: adamw, mixed_precision: "no", device: auto, seed: 0}
+memory:  {limit_gb: null, alloc_conf: null}
+monitor: {nvml_interval_s: 1.0}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_issue_example_validates(tmp_path):
+    cfg = load_config(write(tmp_path, ISSUE_EXAMPLE))
+    assert cfg.model.name == "tiny-llama"
+    assert cfg.lora is not None and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.max_steps == 20 and cfg.memory.limit_gb is None
+
+
+def test_null_lora_means_full_fine_tuning():
+    assert validate_config({"lora": None}).lora is None
+
+
+def test_overrides_are_yaml_typed_and_dotted(tmp_path):
+    cfg = load_config(
+        write(tmp_path, ISSUE_EXAMPLE),
+        ["train.max_steps=3", "lora.target_modules=[q_proj,k_proj]", "memory.limit_gb=1.5", "lora=null"],
+    )
+    assert cfg.train.max_steps == 3
+    assert cfg.memory.limit_gb == 1.5
+    assert cfg.lora is None
+
+
+def test_override_creates_sections():
+    assert apply_overrides({}, ["model.gradient_checkpointing=true"]) == {"model": {"gradient_checkpointing": True}}
+
+
+def test_every_error_is_reported_with_its_key(tmp_path):
+    bad = yaml.safe_load(ISSUE_EXAMPLE)
+    bad["model"]["dtype"] = "fp8"
+    bad["train"]["micro_batch_size"] = 0
+    bad["train"]["optimizer"] = "lion"
+    bad["monitor"]["colour"] = "red"
+    with pytest.raises(ConfigError) as caught:
+        validate_config(bad)
+    keys = {issue.key for issue in caught.value.issues}
+    assert keys == {"model.dtype", "train.micro_batch_size", "train.optimizer", "monitor.colour"}
+    text = str(caught.value)
+    assert "4 problem(s)" in text and "'fp32', 'bf16' or 'fp16'" in text and "unknown key" in text
+
+
+def test_cross_field_errors_are_collected_together(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        validate_config(
+            {
+                "model": {"name": "tiny-gpt2"},
+                "lora": {"target_modules": ["q_proj"]},
+                "data": {"source": str(tmp_path / "missing.jsonl"), "seq_len": 4096},
+                "train": {"device": "tpu"},
+            }
+        )
+    keys = [issue.key for issue in caught.value.issues]
+    assert sorted(keys) == ["data.seq_len", "data.source", "lora.target_modules", "train.device"]
+    assert "c_attn" in str(caught.value)  # names what would be allowed
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("tiny-lama", "neither a preset"),
+        ("./nowhere/model", "neither a preset"),
+    ],
+)
+def test_model_name_typos_are_refused(name, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config({"model": {"name": name}})
+
+
+def test_model_directory_needs_config_json(tmp_path):
+    with pytest.raises(ConfigError, match="has no config.json"):
+        validate_config({"model": {"name": str(tmp_path)}})
+    (tmp_path / "config.json").write_text("{}")
+    assert validate_config({"model": {"name": str(tmp_path)}, "lora": None}).model.name == str(tmp_path)
+
+
+def test_hub_id_is_accepted_on_paper():
+    assert validate_config({"model": {"name": "Qwen/Qwen2.5-0.5B"}}).model.name == "Qwen/Qwen2.5-0.5B"
+
+
+def test_data_file_kinds(tmp_path):
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(ConfigError, match=r"\.txt or \.jsonl"):
+        validate_config({"data": {"source": str(tmp_path / "a.csv")}})
+    (tmp_path / "a.txt").write_text("hello")
+    assert validate_config({"data": {"source": str(tmp_path / "a.txt")}}).data.source.endswith("a.txt")
+
+
+def test_fp16_autocast_needs_fp32_weights():
+    with pytest.raises(ConfigError, match="fp16 autocast needs fp32 weights"):
+        validate_config({"model": {"dtype": "bf16"}, "train": {"mixed_precision": "fp16"}})
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_round_trip():
+    cfg = validate_config({"lora": {"r": 4}})
+    assert RunConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, trainer.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
