@@ -75,6 +75,7 @@ class StepMonitor:
         self._host = HostProbe()
         self._activations = ActivationCounter(model) if track_activations else None
         self._parameter_bytes, self._trainable_bytes = parameter_bytes(model)
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._pending: deque[_PendingSample] = deque()
         self._step_started = 0.0
         self._gradient_bytes = 0
@@ -88,7 +89,7 @@ class StepMonitor:
 
     def after_backward(self) -> None:
         """Gradients are complete now and are freed by zero_grad after the optimizer step."""
-        self._gradient_bytes = gradient_bytes(self._model)
+        self._gradient_bytes = gradient_bytes(self._trainable)
 
     def end_step(self, step: int, loss: torch.Tensor | None, tokens: int, seq_len: int) -> None:
         step_seconds = time.perf_counter() - self._step_started

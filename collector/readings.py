@@ -81,3 +81,54 @@ class StepSample:
     allocator: AllocatorReading | None
     tensors: TensorBreakdown
     host: HostReading
+
+
+@dataclass(frozen=True)
+class LayerReading:
+    """One module's memory on a profiled step.
+
+    activation_bytes: saved for backward by this module's own operations (not its children's).
+    The CUDA fields come from the allocator around the module's forward and backward and are
+    None on devices without a caching allocator.
+    """
+
+    step: int
+    module: str
+    activation_bytes: int
+    forward_alloc_delta_bytes: int | None = None
+    forward_peak_bytes: int | None = None
+    backward_peak_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class PostMortem:
+    """Everything saved at an out-of-memory failure, enough to diagnose without the process.
+
+    Mappings are plain JSON-able data (allocator stats, breakdown, batch shape) so a later
+    reader needs neither torch nor this code's version to read them.
+    """
+
+    step: int | None
+    micro_batch: int | None
+    phase: str | None
+    module: str | None
+    module_stack: tuple[str, ...]
+    batch_shape: dict | None
+    requested_bytes: int | None
+    error_type: str
+    error_text: str
+    traceback: str
+    device: str
+    device_total_bytes: int | None
+    device_free_bytes: int | None
+    allocator_stats: dict | None
+    tensors: dict | None
+    host: dict | None
+    nvml: dict | None
+    recent_steps: tuple[dict, ...]
+    layer_profile: tuple[dict, ...]
+    snapshot_path: str | None
+    snapshot_bytes: int | None
+    snapshot_note: str | None
+    finding: str
+    finding_details: dict

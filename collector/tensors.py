@@ -39,9 +39,11 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return unique_storage_bytes(params), unique_storage_bytes(p for p in params if p.requires_grad)
 
 
-def gradient_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by `.grad` tensors now; call after the last backward, before zero_grad."""
-    return unique_storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+def gradient_bytes(parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes held by `.grad` tensors now; call after the last backward, before zero_grad.
+    Pass the trainable parameters, listed once: walking a peft model's modules each step costs
+    more than the count itself."""
+    return unique_storage_bytes(p.grad for p in parameters if p.grad is not None)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

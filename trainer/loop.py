@@ -78,11 +78,12 @@ def setup(cfg: RunConfig, device: torch.device) -> Training:
     )
 
 
-def train(training: Training, monitor: StepMonitor) -> None:
-    """Run `train.max_steps` optimizer steps of `grad_accum_steps` micro-batches each."""
+def train(training: Training, monitor: StepMonitor, first_step: int = 1) -> None:
+    """Run `train.max_steps` optimizer steps of `grad_accum_steps` micro-batches each, numbered
+    from `first_step`."""
     cfg, model = training.cfg, training.built.model
     accum = cfg.train.grad_accum_steps
-    for step in range(1, cfg.train.max_steps + 1):
+    for step in range(first_step, first_step + cfg.train.max_steps):
         monitor.begin_step()
         tokens, seq_len, step_loss = 0, 0, None
         for _ in range(accum):
