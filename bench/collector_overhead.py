@@ -20,18 +20,21 @@ from pathlib import Path
 
 import torch
 
-from collector.monitor import StepMonitor
 from collector.sink import RecordSink
 from db import open_engine
 from db.writes import create_run, write_records
 from trainer.config import validate_config
-from trainer.loop import resolve_device, setup, train
+from trainer.loop import make_monitor, resolve_device, setup, train
 
 
 class NullMonitor:
     """The loop's monitor interface, doing nothing: the baseline."""
 
-    def begin_step(self) -> None: ...
+    def begin_step(self, step: int) -> None: ...
+
+    def enter(self, phase: str, micro_batch: int | None = None) -> None: ...
+
+    def set_batch(self, batch_size: int, seq_len: int) -> None: ...
 
     def forward(self):
         return nullcontext()
@@ -48,7 +51,7 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
         engine = open_engine(f"sqlite:///{Path(workspace) / 'bench.db'}")
         run_id = create_run(engine, cfg.to_dict())
         sink = RecordSink(partial(write_records, engine, run_id))
-        monitor = StepMonitor(training.built.model, training.optimizer, training.device, sink.put)
+        monitor = make_monitor(cfg, training, sink.put)
         null = NullMonitor()
         steps = iter(range(1, 10**9, block_steps))  # step numbers stay unique across blocks
         train(training, monitor, next(steps))  # warm-up: optimizer state, allocator caches, lazy imports

@@ -93,3 +93,19 @@ def device_name(device: torch.device) -> str | None:
     except Exception as exc:  # noqa: BLE001
         log.warning("cannot read the name of %s: %s: %s", device, type(exc).__name__, exc)
         return None
+
+
+def memory_stats_now(device: torch.device) -> dict[str, int]:
+    """The full `memory_stats()` dict, for a post-mortem (JSON-able: flat str → int)."""
+    return {key: int(value) for key, value in torch.cuda.memory_stats(device).items()}
+
+
+def mem_get_info(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes as the driver sees them, other processes included."""
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def allocated_bytes_now(device: torch.device) -> int:
+    """Bytes in live tensors now; one stats lookup, so call it on profiled steps only."""
+    return int(torch.cuda.memory_allocated(device))

@@ -17,10 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from collector.allocator import allocator_probe_for
+from collector.allocator import allocated_bytes_now, allocator_probe_for
 from collector.host import HostProbe
-from collector.readings import StepSample, TensorBreakdown
+from collector.layers import LayerProfiler
+from collector.readings import LayerReading, StepSample, TensorBreakdown
 from collector.tensors import ActivationCounter, gradient_bytes, optimizer_state_bytes, parameter_bytes
+from collector.whereabouts import Position, Whereabouts
+
+RECENT_STEPS_KEPT = 50
 
 
 class _PendingLoss:
@@ -56,17 +60,25 @@ class _PendingSample:
 
 
 class StepMonitor:
-    """Call `begin_step`, wrap each micro-batch forward in `forward()`, call `after_backward`
-    before the optimizer step, and `end_step` after it; `close()` publishes what is pending."""
+    """The loop calls `begin_step`, `enter(phase)` at each phase change, `set_batch` per
+    micro-batch, wraps each forward in `forward()`, calls `after_backward` before the optimizer
+    step and `end_step` after it; `close()` publishes what is pending.
+
+    With `track_modules`, module hooks keep the current module known (for post-mortems) and
+    profiled steps publish one LayerReading per module.
+    """
 
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
-        publish: Callable[[StepSample], object],
+        publish: Callable[[StepSample | LayerReading], object],
         *,
         track_activations: bool = True,
+        track_modules: bool = False,
+        layer_profile_steps: int = 0,
+        layer_profile_every: int = 0,
     ):
         self._model = model
         self._optimizer = optimizer
@@ -79,17 +91,63 @@ class StepMonitor:
         self._pending: deque[_PendingSample] = deque()
         self._step_started = 0.0
         self._gradient_bytes = 0
+        self.where = Whereabouts()
+        self.recent_steps: deque[StepSample] = deque(maxlen=RECENT_STEPS_KEPT)
+        self.profiler: LayerProfiler | None = None
+        if track_modules:
+            self.where.track_modules(model)
+            if self._activations is not None and (layer_profile_steps or layer_profile_every):
+                self.profiler = LayerProfiler(
+                    self._activations,
+                    self.where,
+                    device,
+                    first_steps=layer_profile_steps,
+                    every=layer_profile_every,
+                    allocated_now=(lambda: allocated_bytes_now(device)) if device.type == "cuda" else None,
+                )
 
-    def begin_step(self) -> None:
+    def begin_step(self, step: int) -> None:
         self._step_started = time.perf_counter()
+        self.where.enter("data", step=step, micro_batch=0)
+        if self.profiler is not None and self.profiler.due(step):
+            self.profiler.start(step)
+
+    def enter(self, phase: str, micro_batch: int | None = None) -> None:
+        self.where.enter(phase, micro_batch=micro_batch)
+
+    def set_batch(self, batch_size: int, seq_len: int) -> None:
+        self.where.set_batch(batch_size, seq_len)
 
     def forward(self) -> AbstractContextManager[None]:
         """Context for one micro-batch's forward pass (counts the activations it saves)."""
+        self.where.enter("forward")
         return self._activations.forward() if self._activations else nullcontext()
 
     def after_backward(self) -> None:
         """Gradients are complete now and are freed by zero_grad after the optimizer step."""
         self._gradient_bytes = gradient_bytes(self._trainable)
+
+    # --- what a post-mortem reads --------------------------------------------------------
+    def position(self) -> Position:
+        return self.where.position()
+
+    def breakdown_now(self) -> TensorBreakdown:
+        """The tensors as they are at this moment (a failure mid-step): gradients counted now,
+        activations saved so far by the forward in progress."""
+        return TensorBreakdown(
+            parameter_bytes=self._parameter_bytes,
+            trainable_parameter_bytes=self._trainable_bytes,
+            gradient_bytes=gradient_bytes(self._trainable),
+            optimizer_state_bytes=optimizer_state_bytes(self._optimizer),
+            activation_bytes=self._activations.current_bytes if self._activations else None,
+        )
+
+    def host_now(self):
+        return self._host.sample()
+
+    def layer_profile(self) -> tuple[LayerReading, ...]:
+        """The latest profile; the step in progress if it is being profiled."""
+        return self.profiler.readings_so_far() if self.profiler else ()
 
     def end_step(self, step: int, loss: torch.Tensor | None, tokens: int, seq_len: int) -> None:
         step_seconds = time.perf_counter() - self._step_started
@@ -103,6 +161,9 @@ class StepMonitor:
             activation_bytes=self._activations.take_peak() if self._activations else None,
         )
         host = self._host.sample()
+        if self.profiler is not None and self.profiler.active:
+            for reading in self.profiler.finish():
+                self._publish(reading)
 
         def build(loss_value: float | None) -> StepSample:
             return StepSample(
@@ -124,7 +185,9 @@ class StepMonitor:
     def _publish_ready(self, wait: bool) -> None:
         while self._pending and (wait or self._pending[0].loss.ready()):
             pending = self._pending.popleft()
-            self._publish(pending.build(pending.loss.value()))
+            sample = pending.build(pending.loss.value())
+            self.recent_steps.append(sample)
+            self._publish(sample)
 
     def close(self) -> None:
         """Publish every pending sample (waits for outstanding loss copies)."""

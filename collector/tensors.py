@@ -9,7 +9,7 @@ Nothing here reads tensor values, so nothing here synchronises a device.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -72,6 +72,14 @@ class ActivationCounter:
         self._seen: set[tuple[torch.device, int]] = set()
         self._bytes = 0
         self.peak_bytes = 0
+        # Set on profiled steps: who is saving (the innermost module) and the bytes per module.
+        self.attribute_to: Callable[[], str | None] | None = None
+        self.per_module: dict[str, int] | None = None
+
+    @property
+    def current_bytes(self) -> int:
+        """Saved so far by the forward in progress (what a failure mid-forward had built up)."""
+        return self._bytes
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -79,6 +87,9 @@ class ActivationCounter:
         if key not in self._excluded and key not in self._seen:
             self._seen.add(key)
             self._bytes += storage.nbytes()
+            if self.per_module is not None and self.attribute_to is not None:
+                module = self.attribute_to() or "(top level: logits, loss)"
+                self.per_module[module] = self.per_module.get(module, 0) + storage.nbytes()
         return tensor
 
     @staticmethod
@@ -96,6 +107,7 @@ class ActivationCounter:
         finally:
             self.peak_bytes = max(self.peak_bytes, self._bytes)
             # Drop the pointers: they must not pin anything nor match a later, unrelated storage.
+            # (_bytes stays: a failure mid-forward reads it as current_bytes.)
             self._seen.clear()
 
     def take_peak(self) -> int:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     column,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -123,3 +124,58 @@ class DeviceSampleRow(Base):
     temperature_c: Mapped[float | None]
     power_w: Mapped[float | None]
     process_used_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class PostmortemRow(Base):
+    """What was saved when a run ran out of memory: `collector.readings.PostMortem`, one per run.
+
+    Columns after created_at are PostMortem's fields in its order. Its tuples are JSON arrays;
+    an absent mapping is SQL NULL rather than JSON null, so `IS NULL` finds it.
+    """
+
+    __tablename__ = "postmortems"
+    # One failure ends a run, so a second post-mortem for it is a bug in the caller.
+    __table_args__ = (UniqueConstraint("run_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    created_at: Mapped[float]
+    step: Mapped[int | None]
+    micro_batch: Mapped[int | None]
+    phase: Mapped[str | None]
+    module: Mapped[str | None]
+    module_stack: Mapped[list[str]] = mapped_column(JSON)
+    batch_shape: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    requested_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error_type: Mapped[str]
+    error_text: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str] = mapped_column(Text)
+    device: Mapped[str]
+    device_total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    device_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    allocator_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    tensors: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    host: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    nvml: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    recent_steps: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    layer_profile: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    snapshot_path: Mapped[str | None]
+    snapshot_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    snapshot_note: Mapped[str | None] = mapped_column(Text)
+    finding: Mapped[str] = mapped_column(Text)
+    finding_details: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+
+
+class LayerProfileRow(Base):
+    """One module's memory on one profiled step: `collector.readings.LayerReading`."""
+
+    __tablename__ = "layer_profiles"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    module: Mapped[str] = mapped_column(primary_key=True)
+    activation_bytes: Mapped[int] = mapped_column(BigInteger)
+    # NULL on a device without a caching allocator (the CPU).
+    forward_alloc_delta_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    forward_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    backward_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)

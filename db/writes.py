@@ -9,9 +9,17 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, update
 
-from collector.readings import AllocatorReading, DeviceReading, HostReading, StepSample, TensorBreakdown
+from collector.readings import (
+    AllocatorReading,
+    DeviceReading,
+    HostReading,
+    LayerReading,
+    PostMortem,
+    StepSample,
+    TensorBreakdown,
+)
 from db.engine import write_transaction
-from db.schema import RUN_STATUSES, DeviceSampleRow, RunRow, StepSampleRow
+from db.schema import RUN_STATUSES, DeviceSampleRow, LayerProfileRow, PostmortemRow, RunRow, StepSampleRow
 
 _RUN_FIELDS = frozenset(RunRow.__table__.columns.keys()) - {"id"}
 # Column names are the readings' field names; a field added to a reading without a migration
@@ -20,6 +28,8 @@ _ALLOCATOR_FIELDS = tuple(f.name for f in dataclasses.fields(AllocatorReading) i
 _TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(TensorBreakdown))
 _HOST_FIELDS = tuple(f.name for f in dataclasses.fields(HostReading) if f.name != "taken_at")
 _DEVICE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceReading))
+_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerReading))
+_POSTMORTEM_FIELDS = tuple(f.name for f in dataclasses.fields(PostMortem))
 
 
 def create_run(
@@ -82,23 +92,58 @@ def end_run(
 
 
 def write_records(engine: Engine, run_id: int, records: Sequence[object]) -> None:
-    """Store a batch from the collector's sink and refresh the heartbeat, all in one transaction."""
+    """Store a batch from the collector's sink and refresh the heartbeat, all in one transaction.
+
+    A row that cannot be stored (a (step, module) already profiled, a step already written)
+    fails the whole batch, so a batch is never half-written.
+    """
     steps: list[dict[str, Any]] = []
     devices: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
     for record in records:
         if isinstance(record, StepSample):
             steps.append(_step_row(run_id, record))
         elif isinstance(record, DeviceReading):
             devices.append({"run_id": run_id, **{name: getattr(record, name) for name in _DEVICE_FIELDS}})
+        elif isinstance(record, LayerReading):
+            layers.append({"run_id": run_id, **{name: getattr(record, name) for name in _LAYER_FIELDS}})
         else:
-            raise TypeError(f"cannot store a {type(record).__name__}; expected StepSample or DeviceReading")
+            raise TypeError(
+                f"cannot store a {type(record).__name__}; expected StepSample, DeviceReading or LayerReading"
+            )
     with write_transaction(engine) as conn:
         # A list of parameter sets: one executemany per table, not one statement per row.
         if steps:
             conn.execute(insert(StepSampleRow), steps)
         if devices:
             conn.execute(insert(DeviceSampleRow), devices)
+        if layers:
+            conn.execute(insert(LayerProfileRow), layers)
         conn.execute(update(RunRow).where(RunRow.id == run_id).values(heartbeat_at=time.time()))
+
+
+def record_postmortem(engine: Engine, run_id: int, postmortem: PostMortem, *, exit_code: int = 3) -> None:
+    """Store an out-of-memory failure and end its run as "oom": both become visible, or neither.
+
+    One transaction, so the dashboard never shows an "oom" run without its post-mortem, nor a
+    post-mortem on a run still "running". A second post-mortem for the run raises IntegrityError
+    and leaves the run as it was.
+    """
+    now = time.time()
+    row: dict[str, Any] = {"run_id": run_id, "created_at": now}
+    row.update({name: getattr(postmortem, name) for name in _POSTMORTEM_FIELDS})
+    for name in ("module_stack", "recent_steps", "layer_profile"):
+        row[name] = list(row[name])  # JSON arrays; queries.PostmortemRecord turns them back into tuples
+    ending = {
+        "status": "oom",
+        "ended_at": now,
+        "exit_code": exit_code,
+        "error_text": postmortem.traceback or postmortem.error_text,
+    }
+    with write_transaction(engine) as conn:
+        # Insert first: a refused post-mortem (duplicate, unknown run) fails before the run is touched.
+        conn.execute(insert(PostmortemRow).values(row))
+        conn.execute(update(RunRow).where(RunRow.id == run_id).values(ending))
 
 
 def add_dropped(engine: Engine, run_id: int, n: int) -> None:

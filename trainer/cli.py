@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("run", help="a run id, or 'latest'")
     show.add_argument("--db")
 
+    postmortem = commands.add_parser("postmortem", help="print a run's out-of-memory post-mortem")
+    postmortem.add_argument("run", help="a run id, or 'latest' (the newest post-mortem)")
+    postmortem.add_argument("--db")
+    postmortem.add_argument("--json", action="store_true", help="machine-readable, every field")
+
     worker = commands.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("--run-id", type=int, required=True)
     worker.add_argument("--db", required=True)
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.run_id, args.db)
     if args.command in ("runs", "show"):
         return _report(args)
+    if args.command == "postmortem":
+        return _postmortem(args)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
@@ -86,4 +93,31 @@ def _report(args: argparse.Namespace) -> int:
         print(f"no run {args.run} in {engine.url}", file=sys.stderr)
         return exit_codes.FAILED
     print(run_report(run, step_samples(engine, run.id)))
+    return exit_codes.COMPLETED
+
+
+def _postmortem(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from db import default_db_url, open_engine
+    from db.queries import get_postmortem, list_postmortems
+    from trainer.report import postmortem_report
+
+    engine = open_engine(args.db or default_db_url())
+    if args.run == "latest":
+        found = list_postmortems(engine, limit=1)
+        record = found[0] if found else None
+    elif args.run.isdigit():
+        record = get_postmortem(engine, int(args.run))
+    else:
+        print(f"run must be an id or 'latest', got {args.run!r}", file=sys.stderr)
+        return exit_codes.INVALID_CONFIG
+    if record is None:
+        print(f"no post-mortem for run {args.run} (only runs that ran out of memory have one)", file=sys.stderr)
+        return exit_codes.FAILED
+    if args.json:
+        print(json.dumps(dataclasses.asdict(record), indent=2, default=list))
+    else:
+        print(postmortem_report(record))
     return exit_codes.COMPLETED

@@ -98,6 +98,20 @@ class MonitorConfig(_Section):
     nvml_interval_s: float = Field(1.0, ge=0.05, le=3600)
     # Count activation bytes saved for backward on every step (saved-tensor hooks).
     track_activations: bool = True
+    # Module hooks that keep the current layer known, so a post-mortem can name it.
+    track_modules: bool = True
+    # Per-layer profile on the first N steps, then every M steps (0: never after the first N).
+    layer_profile_steps: int = Field(2, ge=0)
+    layer_profile_every: int = Field(50, ge=0)
+    # CUDA allocator history kept for the OOM snapshot (Python stacks only; 0 turns it off).
+    snapshot_max_entries: int = Field(100_000, ge=0)
+    # A compressed snapshot larger than this is not kept (the post-mortem says so).
+    snapshot_max_mb: float = Field(256, gt=0)
+
+
+class DebugConfig(_Section):
+    # Keep this many MiB of tensors alive per step: a deliberate leak, for demos and tests.
+    leak_mb_per_step: float = Field(0, ge=0)
 
 
 class RunConfig(_Section):
@@ -109,6 +123,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -6,8 +6,8 @@ CPU/GPU and precision differences live in objects that do nothing when unused (`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,15 @@ class Training:
     scaler: torch.amp.GradScaler
     batches: Iterator[torch.Tensor]
 
+    leaked: list[torch.Tensor] = field(default_factory=list)
+
+    def leak_step(self) -> None:
+        """`debug.leak_mb_per_step`: keep a tensor alive per step, the way a real leak does
+        (a loss appended to a list without .item(), a cache that never evicts)."""
+        leak = self.cfg.debug.leak_mb_per_step
+        if leak > 0:
+            self.leaked.append(torch.ones(int(leak * 1024**2) // 4, device=self.device))
+
     def autocast(self) -> torch.autocast:
         mixed = self.cfg.train.mixed_precision
         return torch.autocast(
@@ -78,25 +87,44 @@ def setup(cfg: RunConfig, device: torch.device) -> Training:
     )
 
 
+def make_monitor(cfg: RunConfig, training: Training, publish: Callable[[object], object]) -> StepMonitor:
+    """The collector as the config asks for it (the worker and the benchmarks share this)."""
+    return StepMonitor(
+        training.built.model,
+        training.optimizer,
+        training.device,
+        publish,
+        track_activations=cfg.monitor.track_activations,
+        track_modules=cfg.monitor.track_modules,
+        layer_profile_steps=cfg.monitor.layer_profile_steps,
+        layer_profile_every=cfg.monitor.layer_profile_every,
+    )
+
+
 def train(training: Training, monitor: StepMonitor, first_step: int = 1) -> None:
     """Run `train.max_steps` optimizer steps of `grad_accum_steps` micro-batches each, numbered
     from `first_step`."""
     cfg, model = training.cfg, training.built.model
     accum = cfg.train.grad_accum_steps
     for step in range(first_step, first_step + cfg.train.max_steps):
-        monitor.begin_step()
+        monitor.begin_step(step)
         tokens, seq_len, step_loss = 0, 0, None
-        for _ in range(accum):
+        for micro_batch in range(accum):
+            monitor.enter("data", micro_batch)
             input_ids = next(training.batches).to(training.device, non_blocking=True)  # (batch, seq)
+            monitor.set_batch(*input_ids.shape)
             tokens += input_ids.numel()
             seq_len = max(seq_len, input_ids.shape[1])
             with training.autocast(), monitor.forward():
                 loss = model(input_ids=input_ids, labels=input_ids).loss / accum
+            monitor.enter("backward")
             training.scaler.scale(loss).backward()
             # Summed on the device: no host sync inside the step.
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         monitor.after_backward()
+        monitor.enter("optimizer")
         training.scaler.step(training.optimizer)
         training.scaler.update()
         training.optimizer.zero_grad(set_to_none=True)
+        training.leak_step()
         monitor.end_step(step, step_loss, tokens, seq_len)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from db.queries import RunRecord, StepRecord
+from db.queries import PostmortemRecord, RunRecord, StepRecord
 
 _UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
@@ -47,4 +47,34 @@ def run_report(run: RunRecord, steps: list[StepRecord]) -> str:
     if run.error_text:
         lines.append("  last lines of the error:")
         lines.extend("    " + line for line in run.error_text.strip().splitlines()[-3:])
+    return "\n".join(lines)
+
+
+def postmortem_report(pm: PostmortemRecord) -> str:
+    shape = pm.batch_shape or {}
+    lines = [
+        f"run {pm.run_id} ran out of memory at step {pm.step}, micro-batch {pm.micro_batch}, "
+        f"in {pm.phase} of {pm.module or '(no module)'}",
+        f"  batch: {shape.get('batch_size', '?')} x {shape.get('seq_len', '?')} tokens; "
+        f"failed request: {human_bytes(pm.requested_bytes)} on {pm.device}",
+        f"  finding: {pm.finding}",
+        f"  {pm.error_type}: {pm.error_text.strip().splitlines()[-1] if pm.error_text.strip() else ''}",
+    ]
+    if pm.device_total_bytes is not None:
+        lines.append(f"  device: {human_bytes(pm.device_free_bytes)} free of {human_bytes(pm.device_total_bytes)}")
+    if pm.tensors:
+        t = pm.tensors
+        lines.append(
+            f"  tensors at the failure: parameters {human_bytes(t.get('parameter_bytes'))}, "
+            f"gradients {human_bytes(t.get('gradient_bytes'))}, "
+            f"optimizer {human_bytes(t.get('optimizer_state_bytes'))}, "
+            f"activations so far {human_bytes(t.get('activation_bytes'))}"
+        )
+    if pm.layer_profile:
+        top = sorted(pm.layer_profile, key=lambda layer: layer["activation_bytes"], reverse=True)[:5]
+        lines.append("  layers by activation memory (profiled step):")
+        for layer in top:
+            mark = "  <- failed here" if layer["module"] == pm.module else ""
+            lines.append(f"    {human_bytes(layer['activation_bytes']):>12}  {layer['module']}{mark}")
+    lines.append(f"  snapshot: {pm.snapshot_path or pm.snapshot_note}")
     return "\n".join(lines)

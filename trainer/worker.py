@@ -16,27 +16,30 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
 from collector.allocator import device_name, device_total_bytes
+from collector.cuda_oom import CudaOomObserver
 from collector.monitor import StepMonitor
 from collector.nvml import NvmlSampler, NvmlUnavailable, open_nvml
 from collector.sink import RecordSink
 from collector.tensors import unique_storage_bytes
 from db import open_engine
 from db.queries import get_run
-from db.writes import add_dropped, end_run, heartbeat, update_run, write_records
+from db.writes import add_dropped, end_run, heartbeat, record_postmortem, update_run, write_records
 from trainer import exit_codes
 from trainer.config import ConfigError, RunConfig, validate_config
 from trainer.data import DataSetupError
 from trainer.environment import describe_environment
-from trainer.loop import DeviceSetupError, resolve_device, setup, train
+from trainer.loop import DeviceSetupError, make_monitor, resolve_device, setup, train
 from trainer.memory_limit import apply_memory_limit, lift_cpu_limit
 from trainer.models import ModelSetupError
 from trainer.oom import is_out_of_memory
+from trainer.postmortem import build_postmortem
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,15 @@ def _open_device_sampler(cfg: RunConfig, device: torch.device, publish: Any) -> 
     return sampler, {"available": True, "sampled": True, "gpu_index": device.index or 0}
 
 
+def _snapshot_dir(url: Any, run_id: int) -> Path:
+    """Snapshots live beside a SQLite file, else in the workspace."""
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        base = Path(url.database).parent
+    else:
+        base = Path(os.environ.get("OOMLENS_WORKSPACE", "~/.oomlens")).expanduser()
+    return base / "snapshots" / f"run-{run_id}"
+
+
 class Worker:
     """One run, from its database row to its final status."""
 
@@ -97,9 +109,13 @@ class Worker:
         self.sink: RecordSink | None = None
         self.sampler: NvmlSampler | None = None
         self.monitor: StepMonitor | None = None
+        self.cuda_oom: CudaOomObserver | None = None
+        self.cfg: RunConfig | None = None
+        self.device: torch.device | None = None
+        self.postmortem = None
 
     def _start(self, cfg: RunConfig) -> torch.device:
-        device = resolve_device(cfg.train.device)
+        device = self.device = resolve_device(cfg.train.device)
         name, total = _describe_device(device)
         self.sink = RecordSink(
             partial(write_records, self.engine, self.run_id),
@@ -136,13 +152,9 @@ class Worker:
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
         update_run(self.engine, self.run_id, environment=self.environment)
-        self.monitor = StepMonitor(
-            model,
-            training.optimizer,
-            device,
-            self.sink.put,
-            track_activations=cfg.monitor.track_activations,
-        )
+        self.monitor = make_monitor(cfg, training, self.sink.put)
+        if device.type == "cuda":
+            self.cuda_oom = CudaOomObserver(device, cfg.monitor.snapshot_max_entries)
         train(training, self.monitor)
 
     def run(self) -> int:
@@ -153,13 +165,18 @@ class Worker:
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)
         try:
-            cfg = validate_config(run.config)
+            cfg = self.cfg = validate_config(run.config)
             self._train(cfg)
             outcome = Outcome("completed", exit_codes.COMPLETED)
         except StopRequested as stop:
             outcome = Outcome("stopped", exit_codes.STOPPED, f"stopped by {stop}")
         except BaseException as error:  # noqa: BLE001 - every failure must end as a recorded status
+            # Read where we are before anything else runs: hooks and phases move on.
+            position = self.monitor.position() if self.monitor else None
             outcome = self._classify(error, traceback.format_exc())
+            if outcome.status == "oom":
+                lift_cpu_limit()  # the post-mortem needs memory to be written
+                self.postmortem = self._postmortem(error, outcome.error_text, position)
         # From here on a second SIGTERM must not interrupt the flush that keeps the samples.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -187,7 +204,29 @@ class Worker:
                 close()
             except Exception:  # noqa: BLE001 - a failing flush must not hide the run's status
                 log.exception("while closing the collector")
+        if self.postmortem is not None:
+            try:
+                record_postmortem(self.engine, self.run_id, self.postmortem, exit_code=outcome.exit_code)
+                return
+            except Exception:  # noqa: BLE001 - keep the status even if the post-mortem cannot be stored
+                log.exception("could not store the post-mortem")
         end_run(self.engine, self.run_id, outcome.status, error_text=outcome.error_text, exit_code=outcome.exit_code)
+
+    def _postmortem(self, error: BaseException, text: str, position: Any):
+        try:
+            return build_postmortem(
+                error=error,
+                traceback_text=text,
+                position=position,
+                monitor=self.monitor,
+                device=self.device,
+                cuda_capture=self.cuda_oom.capture if self.cuda_oom else None,
+                snapshot_dir=_snapshot_dir(self.engine.url, self.run_id),
+                snapshot_max_bytes=int(self.cfg.monitor.snapshot_max_mb * 1024**2) if self.cfg else 0,
+            )
+        except Exception:  # noqa: BLE001 - a failed post-mortem must not lose the oom status
+            log.exception("could not build the post-mortem")
+            return None
 
 
 def run_worker(run_id: int, db_url: str) -> int:

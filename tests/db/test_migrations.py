@@ -4,13 +4,16 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import create_engine, inspect, text
 
+from collector.readings import LayerReading
 from db import open_engine
 from db.migrate import alembic_config
-from db.queries import list_runs
+from db.queries import device_samples, get_run, layer_profile, list_runs, step_samples
 from db.schema import Base
-from db.writes import create_run
+from db.writes import create_run, write_records
+
+TIB = 2**40
 
 
 def _head() -> str:
@@ -18,7 +21,14 @@ def _head() -> str:
 
 
 def test_fresh_file_gets_every_table_at_head(engine):
-    assert set(inspect(engine).get_table_names()) == {"alembic_version", "runs", "step_samples", "device_samples"}
+    assert set(inspect(engine).get_table_names()) == {
+        "alembic_version",
+        "runs",
+        "step_samples",
+        "device_samples",
+        "postmortems",
+        "layer_profiles",
+    }
     with engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == _head()
 
@@ -50,3 +60,49 @@ def test_downgrade_to_base_and_back(engine):
         assert set(inspect(conn).get_table_names()) == {"alembic_version"}
         command.upgrade(config, "head")
         assert "runs" in inspect(conn).get_table_names()
+
+
+# Raw SQL in the 0001 schema, not db.writes: the writes follow the models, which move on.
+_ROWS_AT_0001 = (
+    "INSERT INTO runs (id, name, status, config, created_at, device_total_bytes, samples_dropped)"
+    " VALUES (7, 'before 0002', 'completed', '{\"lr\": 0.0001}', 1700000000.5, :big, 2)",
+    "INSERT INTO step_samples (run_id, step, wall_time, tokens, seq_len, step_seconds, allocated_bytes,"
+    " parameter_bytes, trainable_parameter_bytes, gradient_bytes, optimizer_state_bytes)"
+    " VALUES (7, 1, 1700000001.25, 4096, 2048, 0.75, :big, :big, :big, :big, :big)",
+    "INSERT INTO device_samples (run_id, taken_at, gpu_index, memory_used_bytes) VALUES (7, 1700000001.5, 0, :big)",
+)
+
+
+def test_upgrading_a_0001_database_keeps_its_data(db_url):
+    old = create_engine(db_url)  # not open_engine, which would go straight to head
+    config = alembic_config()
+    with old.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        for statement in _ROWS_AT_0001:
+            conn.execute(text(statement), {"big": 3 * TIB + 1})
+    old.dispose()
+
+    engine = open_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == _head() != "0001"
+        run = get_run(engine, 7)
+        assert (run.name, run.status, run.config, run.device_total_bytes) == (
+            "before 0002",
+            "completed",
+            {"lr": 1e-4},
+            3 * TIB + 1,
+        )
+        [step] = step_samples(engine, 7)
+        assert (step.step, step.wall_time, step.allocated_bytes, step.optimizer_state_bytes) == (
+            1,
+            1700000001.25,
+            3 * TIB + 1,
+            3 * TIB + 1,
+        )
+        assert [device.memory_used_bytes for device in device_samples(engine, 7)] == [3 * TIB + 1]
+        write_records(engine, 7, [LayerReading(step=1, module="model", activation_bytes=TIB)])
+        assert [layer.module for layer in layer_profile(engine, 7)] == ["model"]
+    finally:
+        engine.dispose()

@@ -5,18 +5,49 @@ import dataclasses
 import pytest
 from sqlalchemy import select, update
 
+from collector.readings import LayerReading, PostMortem
 from db import open_engine
 from db.engine import write_transaction
-from db.queries import DeviceRecord, RunRecord, StepRecord, get_run, is_lost, list_runs
-from db.schema import DeviceSampleRow, RunRow, StepSampleRow
-from db.writes import create_run, end_run
+from db.queries import (
+    DeviceRecord,
+    LayerRecord,
+    PostmortemRecord,
+    RunRecord,
+    StepRecord,
+    get_run,
+    is_lost,
+    layer_profile,
+    list_runs,
+    profiled_steps,
+    top_layers,
+)
+from db.schema import DeviceSampleRow, LayerProfileRow, PostmortemRow, RunRow, StepSampleRow
+from db.writes import create_run, end_run, write_records
+
+TIB = 2**40
 
 
 @pytest.mark.parametrize(
-    ("record", "row"), [(RunRecord, RunRow), (StepRecord, StepSampleRow), (DeviceRecord, DeviceSampleRow)]
+    ("record", "row"),
+    [
+        (RunRecord, RunRow),
+        (StepRecord, StepSampleRow),
+        (DeviceRecord, DeviceSampleRow),
+        (PostmortemRecord, PostmortemRow),
+        (LayerRecord, LayerProfileRow),
+    ],
 )
 def test_records_carry_every_column_in_table_order(record, row):
     assert [f.name for f in dataclasses.fields(record)] == list(row.__table__.columns.keys())
+
+
+@pytest.mark.parametrize(
+    ("record", "reading", "prefix"),
+    [(PostmortemRecord, PostMortem, ["id", "run_id", "created_at"]), (LayerRecord, LayerReading, ["run_id"])],
+)
+def test_stored_readings_keep_every_field_in_order(record, reading, prefix):
+    # A field added to a reading needs a column (and a migration) before it can be stored.
+    assert [f.name for f in dataclasses.fields(record)] == prefix + [f.name for f in dataclasses.fields(reading)]
 
 
 def test_get_run_of_a_missing_id_is_none(engine):
@@ -112,3 +143,62 @@ def test_writer_commits_while_a_reader_holds_a_transaction(db_url, engine):
         assert get_run(reader, first).name == "renamed"
     finally:
         reader.dispose()
+
+
+def _layer(step: int, module: str, activation_bytes: int) -> LayerReading:
+    return LayerReading(step=step, module=module, activation_bytes=activation_bytes)
+
+
+@pytest.fixture
+def profiled_run(engine) -> int:
+    """A run profiled at steps 10 and 20, beside a run profiled later (step 30) that must not leak in."""
+    run_id = create_run(engine, {})
+    step_10 = [_layer(10, "model.layers.0.mlp", 5 * TIB), _layer(10, "model.layers.1.mlp", 1)]
+    # Twelve modules, two of them tied, given out of order.
+    step_20 = [_layer(20, f"model.layers.{i:02}.attn", (i % 11) * TIB + 2**30) for i in range(12)]
+    write_records(engine, run_id, step_10)
+    write_records(engine, run_id, step_20[::-1])
+    write_records(engine, create_run(engine, {}), [_layer(30, "model.lm_head", 9 * TIB)])
+    return run_id
+
+
+def test_profiled_steps_are_in_order(engine, profiled_run):
+    assert profiled_steps(engine, profiled_run) == [10, 20]
+    assert profiled_steps(engine, create_run(engine, {})) == []
+
+
+def test_layer_profile_defaults_to_the_latest_step_largest_first(engine, profiled_run):
+    layers = layer_profile(engine, profiled_run)
+    assert {layer.step for layer in layers} == {20} and {layer.run_id for layer in layers} == {profiled_run}
+    assert [layer.activation_bytes for layer in layers] == sorted(
+        (layer.activation_bytes for layer in layers), reverse=True
+    )
+    assert [layer.module for layer in layers][:3] == [
+        "model.layers.10.attn",
+        "model.layers.09.attn",
+        "model.layers.08.attn",
+    ]
+    # 00 and 11 both hold 0 * TIB + 2**30: the module name breaks the tie.
+    assert [(layer.module, layer.activation_bytes) for layer in layers][-2:] == [
+        ("model.layers.00.attn", 2**30),
+        ("model.layers.11.attn", 2**30),
+    ]
+
+
+def test_layer_profile_of_a_given_step(engine, profiled_run):
+    assert [(layer.module, layer.activation_bytes) for layer in layer_profile(engine, profiled_run, step=10)] == [
+        ("model.layers.0.mlp", 5 * TIB),
+        ("model.layers.1.mlp", 1),
+    ]
+    assert layer_profile(engine, profiled_run, step=15) == []
+    assert layer_profile(engine, create_run(engine, {})) == []
+
+
+def test_top_layers_takes_the_largest_of_the_latest_step(engine, profiled_run):
+    everything = layer_profile(engine, profiled_run)
+    assert top_layers(engine, profiled_run) == everything[:10]
+    assert top_layers(engine, profiled_run, limit=3) == everything[:3]
+    assert top_layers(engine, profiled_run, limit=50) == everything
+    assert top_layers(engine, profiled_run, limit=0) == []
+    with pytest.raises(ValueError, match="limit must be 0 or more; got -1"):
+        top_layers(engine, profiled_run, limit=-1)

@@ -140,6 +140,8 @@ def test_sigkill_of_the_trainer_is_recorded_as_killed(tmp_path, db_url):
     run = get_run(engine, run_id)
     assert run.status == "killed" and run.signal_name == "SIGKILL"
     assert len(step_samples(engine, run_id)) >= 1
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
 
 
 def test_cpu_memory_limit_makes_a_real_allocation_failure(tmp_path, db_url):

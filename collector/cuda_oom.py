@@ -1,0 +1,90 @@
+"""CUDA out-of-memory capture: the allocator's own view at the failing allocation.
+
+`torch._C._cuda_attach_out_of_memory_observer` calls us before the exception is raised, while
+the allocator state is intact (REFERENCE §1); the snapshot and stats taken there show what held
+memory at the failure, which is gone by the time an `except` clause runs. The observer can fire
+more than once for one failure: the first capture is kept. Allocation history is recorded with
+Python stacks only (C++ stacks can make a snapshot take minutes on big jobs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collector.allocator import mem_get_info, memory_stats_now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CudaOomCapture:
+    taken_at: float
+    requested_bytes: int
+    device_free_bytes: int | None
+    device_total_bytes: int | None
+    allocator_stats: dict[str, int]
+    snapshot: dict | None
+
+
+class CudaOomObserver:
+    """Attach once per process; `capture` holds the first OOM's state, or None."""
+
+    def __init__(self, device: torch.device, history_max_entries: int):
+        self.device = device
+        self.capture: CudaOomCapture | None = None
+        self.history_enabled = False
+        if history_max_entries > 0:
+            try:
+                torch.cuda.memory._record_memory_history(
+                    enabled="all", context="all", stacks="python", max_entries=history_max_entries
+                )
+                self.history_enabled = True
+            except Exception as error:  # noqa: BLE001 - history is a bonus, never a reason to fail
+                log.info("allocator history unavailable: %s", error)
+        torch._C._cuda_attach_out_of_memory_observer(self._observe)
+
+    def _observe(self, device: int, alloc: int, device_allocated: int, device_free: int) -> None:
+        if self.capture is not None:
+            return
+        try:
+            free, total = mem_get_info(self.device)
+        except Exception:  # noqa: BLE001 - the driver may refuse while out of memory
+            free, total = None, None
+        snapshot = None
+        if self.history_enabled:
+            try:
+                snapshot = torch.cuda.memory._snapshot()
+            except Exception as error:  # noqa: BLE001
+                log.warning("could not take the allocator snapshot at the OOM: %s", error)
+        self.capture = CudaOomCapture(
+            taken_at=time.time(),
+            requested_bytes=int(alloc),
+            device_free_bytes=free,
+            device_total_bytes=total,
+            allocator_stats=memory_stats_now(self.device),
+            snapshot=snapshot,
+        )
+
+    def stop_history(self) -> None:
+        if self.history_enabled:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.history_enabled = False
+
+
+def save_snapshot(snapshot: dict, path: Path, max_bytes: int) -> tuple[int | None, str | None]:
+    """Write a gzip-compressed pickle of our own snapshot (builtin types only); refuse past a cap.
+
+    Returns (bytes written or None, a note saying why not)."""
+    data = gzip.compress(pickle.dumps(snapshot, protocol=4), compresslevel=6)
+    if len(data) > max_bytes:
+        return None, f"snapshot is {len(data):,} bytes compressed, over the {max_bytes:,}-byte cap: not kept"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return len(data), None

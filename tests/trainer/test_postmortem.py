@@ -1,0 +1,105 @@
+"""Out-of-memory post-mortems from real CPU allocation failures under `memory.limit_gb`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from db import open_engine
+from db.queries import get_postmortem, get_run, step_samples
+from tests.conftest import subprocess_env, trainer_command
+
+pytestmark = pytest.mark.slow
+
+EAGER_LONG = [
+    "memory.limit_gb=0.25",
+    "model.attn_implementation=eager",
+    "train.device=cpu",
+]
+
+
+def run(db_url: str, *overrides: str) -> tuple[subprocess.CompletedProcess, int]:
+    args = ["run", "--db", db_url]
+    for override in overrides:
+        args += ["--set", override]
+    result = subprocess.run(trainer_command(*args), capture_output=True, text=True, timeout=300, env=subprocess_env())
+    return result, int(result.stdout.splitlines()[0])
+
+
+def test_oom_post_mortem_names_step_phase_and_layer(db_url):
+    result, run_id = run(db_url, *EAGER_LONG, "data.seq_len=4096", "train.max_steps=2")
+    assert result.returncode == 3, result.stderr[-3000:]
+    engine = open_engine(db_url)
+    assert get_run(engine, run_id).status == "oom"
+    pm = get_postmortem(engine, run_id)
+    # Where it really failed: the attention scores matmul inside layer 0's attention forward.
+    assert "eager_attention_forward" in pm.traceback and "matmul" in pm.traceback
+    assert (pm.step, pm.micro_batch, pm.phase) == (1, 0, "forward")
+    assert pm.module == "model.layers.0.self_attn"
+    assert pm.module_stack == ("model", "model.layers.0", "model.layers.0.self_attn")
+    assert pm.batch_shape == {"batch_size": 2, "seq_len": 4096}
+    # The request is the one the allocator refused: 2 x 4 heads x 4096^2 fp32 scores.
+    assert pm.requested_bytes == 2 * 4 * 4096 * 4096 * 4
+    assert str(pm.requested_bytes) in pm.error_text and "DefaultCPUAllocator" in pm.error_text
+    assert pm.tensors["parameter_bytes"] > 0 and pm.tensors["activation_bytes"] > 0
+    assert pm.host["rss_bytes"] > 0
+    assert "first step" in pm.finding
+    assert pm.snapshot_path is None and "no CUDA allocator" in pm.snapshot_note
+    # Step 1 was being profiled: its partial profile shows the failing layer.
+    assert "model.layers.0.self_attn" in {layer["module"] for layer in pm.layer_profile}
+
+    cli = subprocess.run(
+        trainer_command("postmortem", str(run_id), "--db", db_url, "--json"),
+        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+    )
+    data = json.loads(cli.stdout)
+    for key in ("run_id", "step", "phase", "module", "requested_bytes", "error_text", "finding"):
+        assert key in data
+    assert data["run_id"] == run_id and data["module"] == "model.layers.0.self_attn"
+    text = subprocess.run(
+        trainer_command("postmortem", str(run_id), "--db", db_url),
+        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+    ).stdout
+    assert "step 1" in text and "forward of model.layers.0.self_attn" in text and "512.0 MiB" in text
+
+
+def test_the_long_batch_that_triggered_it_is_named(db_url):
+    result, run_id = run(
+        db_url, *EAGER_LONG, "data.seq_len=4096", "data.vary_length=true", "data.min_seq_len=64",
+        "train.max_steps=60",
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    engine = open_engine(db_url)
+    pm = get_postmortem(engine, run_id)
+    recorded = step_samples(engine, run_id)
+    assert pm.step == len(recorded) + 1  # the step in progress, after every completed one
+    failing_len = pm.batch_shape["seq_len"]
+    assert failing_len > max(s.seq_len for s in recorded)
+    assert f"{failing_len:,} tokens" in pm.finding and "long batch" in pm.finding
+    match = re.search(r"([\d.]+)x the median", pm.finding)
+    assert match and float(match.group(1)) >= 1.5
+
+
+def test_a_leak_across_steps_is_called_a_leak(db_url):
+    result, run_id = run(
+        db_url, "memory.limit_gb=0.25", "train.device=cpu", "data.seq_len=64", "debug.leak_mb_per_step=16",
+        "train.max_steps=200",
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    pm = get_postmortem(open_engine(db_url), run_id)
+    assert pm.step > 8
+    assert "leak" in pm.finding and "MiB per step" in pm.finding
+    trend = pm.finding_details["trend"]
+    # RSS also moves with the allocator's own pages: within 10% of the 16 MiB kept per step.
+    assert trend["metric"] == "rss_bytes" and abs(trend["bytes_per_step"] / (16 * 1024**2) - 1) < 0.1
+
+
+def test_postmortem_cli_for_a_run_without_one(db_url):
+    result = subprocess.run(
+        trainer_command("postmortem", "99", "--db", db_url),
+        capture_output=True, text=True, timeout=60, env=subprocess_env(),
+    )
+    assert result.returncode == 1 and "no post-mortem for run 99" in result.stderr
