@@ -1,9 +1,13 @@
 """Per-step cost of the collector: step time with it vs without, side by side in one process.
 
-Blocks of steps alternate between the full collector (StepMonitor: activation hooks, tensor
-breakdown, host probe, allocator probe on CUDA, samples through the sink into a real SQLite file)
-and a monitor that does nothing, on the same model, optimizer and data stream, so drift in the
-machine's speed hits both alike. Reports the ratio of median block times.
+Blocks of steps rotate between a monitor that does nothing and collector variants, on the same
+model, optimizer and data stream, so drift in the machine's speed hits all alike:
+  default       what a run gets by default: activation hooks, tensor breakdown, host probe,
+                allocator probe on CUDA, module tracking, layer profile on steps 1-2 and every
+                50th, samples through the sink into a real SQLite file;
+  no_modules    the same without module tracking (and so without layer profiles);
+  profile_all   a layer profile on every step: the cost of one profiled step.
+Reports each variant's median block time against the baseline's.
 
     .venv/bin/python -m bench.collector_overhead [--seq-len 256] [--blocks 20] [--block-steps 10]
 """
@@ -44,44 +48,65 @@ class NullMonitor:
     def end_step(self, *args) -> None: ...
 
 
+VARIANTS = {
+    "default": {},
+    "no_modules": {"track_modules": False},
+    "profile_all": {"layer_profile_every": 1},
+}
+
+
 def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
     cfg = validate_config({"data": {"seq_len": seq_len}, "train": {"max_steps": block_steps, "device": device}})
     training = setup(cfg, resolve_device(cfg.train.device))
+    times: dict[str, list[float]] = {"baseline": [], **{name: [] for name in VARIANTS}}
     with tempfile.TemporaryDirectory() as workspace:
         engine = open_engine(f"sqlite:///{Path(workspace) / 'bench.db'}")
-        run_id = create_run(engine, cfg.to_dict())
-        sink = RecordSink(partial(write_records, engine, run_id))
-        monitor = make_monitor(cfg, training, sink.put)
-        null = NullMonitor()
+        sinks, monitors = [], {"baseline": NullMonitor()}
+        for name, monitor_settings in VARIANTS.items():
+            variant_cfg = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update=monitor_settings)})
+            sink = RecordSink(partial(write_records, engine, create_run(engine, variant_cfg.to_dict())))
+            sinks.append(sink)
+            monitors[name] = make_monitor(variant_cfg, training, sink.put)
+        # Module hooks stay registered on the model once a monitor tracks modules, so each
+        # variant's own hooks run for the others too; detach them outside their own blocks.
+        for name, monitor in monitors.items():
+            if name != "baseline":
+                monitor.where.remove()
         steps = iter(range(1, 10**9, block_steps))  # step numbers stay unique across blocks
-        train(training, monitor, next(steps))  # warm-up: optimizer state, allocator caches, lazy imports
-        train(training, null)
-        times: dict[str, list[float]] = {"with": [], "without": []}
-        for block in range(blocks):
-            # Alternate which goes first so neither always follows the other.
-            order = [("with", monitor), ("without", null)]
-            if block % 2:
-                order.reverse()
-            for label, active in order:
+        order = list(monitors)
+        for block in range(blocks + 1):  # block 0 is warm-up: optimizer state, lazy imports
+            order = order[1:] + order[:1]  # rotate so no variant always follows another
+            for name in order:
+                monitor = monitors[name]
+                tracked = name != "baseline" and VARIANTS[name].get("track_modules", True)
+                if tracked:
+                    monitor.where.track_modules(training.built.model)
                 if training.device.type == "cuda":
                     torch.cuda.synchronize()
                 started = time.perf_counter()
-                train(training, active, next(steps))
+                train(training, monitor, next(steps))
                 if training.device.type == "cuda":
                     torch.cuda.synchronize()
-                times[label].append((time.perf_counter() - started) / block_steps)
-        monitor.close()
-        sink.close()
-    with_ms = statistics.median(times["with"]) * 1e3
-    without_ms = statistics.median(times["without"]) * 1e3
-    return {
+                if block:
+                    times[name].append((time.perf_counter() - started) / block_steps)
+                if tracked:
+                    monitor.where.remove()
+        for name, monitor in monitors.items():
+            if name != "baseline":
+                monitor.close()
+        for sink in sinks:
+            sink.close()
+    baseline_ms = statistics.median(times["baseline"]) * 1e3
+    result = {
         "device": str(training.device),
         "seq_len": seq_len,
-        "step_ms_with": with_ms,
-        "step_ms_without": without_ms,
-        "overhead_pct": (with_ms / without_ms - 1) * 100,
+        "baseline_ms": baseline_ms,
         "steps_each": blocks * block_steps,
     }
+    for name in VARIANTS:
+        ms = statistics.median(times[name]) * 1e3
+        result[name] = (ms, (ms / baseline_ms - 1) * 100)
+    return result
 
 
 def main() -> None:
@@ -92,14 +117,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| device | seq_len | step ms without | step ms with | overhead | steps each |")
-    print("|---|---|---|---|---|---|")
+    columns = " | ".join(f"{name} ms (ratio)" for name in VARIANTS)
+    print(f"| device | seq_len | no collector ms | {columns} | steps each |")
+    print("|---" * (4 + len(VARIANTS)) + "|")
     for seq_len in args.seq_len:
         r = measure(seq_len, args.blocks, args.block_steps, args.device)
-        print(
-            f"| {r['device']} | {r['seq_len']} | {r['step_ms_without']:.2f} | {r['step_ms_with']:.2f} "
-            f"| {r['overhead_pct']:+.2f}% | {r['steps_each']} |"
-        )
+        cells = " | ".join(f"{r[name][0]:.2f} ({r[name][1]:+.1f}%)" for name in VARIANTS)
+        print(f"| {r['device']} | {r['seq_len']} | {r['baseline_ms']:.2f} | {cells} | {r['steps_each']} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from collector.whereabouts import Whereabouts, display_name
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_display_names_drop_wrappers():
+    assert display_name("base_model.model.model.layers.3.self_attn") == "model.layers.3.self_attn"
+    assert display_name("base_model") == "" and display_name("base_model.model") == ""
+    assert display_name("_orig_mod.model.norm") == "model.norm"
+
+
+def test_a_failure_in_forward_leaves_the_failing_module_on_top():
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+
+    def fail(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    model.model.layers[1].mlp.down_proj.forward = fail
+    where.enter("forward", step=7, micro_batch=2)
+    where.set_batch(1, 16)
+    with pytest.raises(MemoryError, match="simulated"):
+        model(input_ids=torch.randint(0, 128, (1, 16)))
+    position = where.position()
+    assert (position.step, position.micro_batch, position.phase) == (7, 2, "forward")
+    assert position.module == "model.layers.1.mlp.down_proj"
+    assert position.module_stack == ("model", "model.layers.1", "model.layers.1.mlp", "model.layers.1.mlp.down_proj")
+    assert position.batch_shape == {"batch_size": 1, "seq_len": 16}
+
+
+def test_backward_names_the_module_whose_gradient_is_being_computed():
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+    seen = {}
+    where.enter("forward", step=1)
+    out = model(input_ids=torch.randint(0, 128, (1, 16)), labels=torch.randint(0, 128, (1, 16)))
+    assert where.module is None  # forward finished: nothing is open
+
+    def record(name):
+        def hook(module, grad_input, grad_output):
+            seen[name] = where.module
+
+        return hook
+
+    # Full backward hooks run when the module's input gradients are computed, i.e. inside it.
+    model.model.layers[0].mlp.register_full_backward_hook(record("mlp0"))
+    where.enter("backward")
+    model.zero_grad()
+    out = model(input_ids=torch.randint(0, 128, (1, 16)), labels=torch.randint(0, 128, (1, 16)))
+    where.enter("backward")
+    out.loss.backward()
+    assert seen["mlp0"] is not None and seen["mlp0"].startswith("model.layers.0")
+
+
+def test_removed_hooks_stop_tracking():
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+    where.remove()
+    where.enter("forward")
+    model(input_ids=torch.randint(0, 128, (1, 8)))
+    assert where.module_stack() == ()
