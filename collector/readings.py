@@ -6,7 +6,7 @@ time it was taken at (`taken_at`, seconds since the epoch) so fields taken toget
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ class StepSample:
     allocator: AllocatorReading | None
     tensors: TensorBreakdown
     host: HostReading
+
+    def columns(self) -> dict:
+        """Flat, one key per `step_samples` column (the readings' own timestamps excluded):
+        the form the database stores and a post-mortem's recent steps keep."""
+        flat = {name: getattr(self, name) for name in _STEP_FIELDS}
+        for reading_type, reading in ((AllocatorReading, self.allocator), (TensorBreakdown, self.tensors),
+                                      (HostReading, self.host)):
+            for field in fields(reading_type):
+                if field.name != "taken_at":
+                    flat[field.name] = getattr(reading, field.name) if reading is not None else None
+        return flat
+
+
+_STEP_FIELDS = ("step", "wall_time", "loss", "tokens", "seq_len", "step_seconds", "tokens_per_s")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,10 @@ from typing import Any
 from sqlalchemy import Engine, insert, update
 
 from collector.readings import (
-    AllocatorReading,
     DeviceReading,
-    HostReading,
     LayerReading,
     PostMortem,
     StepSample,
-    TensorBreakdown,
 )
 from db.engine import write_transaction
 from db.schema import RUN_STATUSES, DeviceSampleRow, LayerProfileRow, PostmortemRow, RunRow, StepSampleRow
@@ -24,9 +21,6 @@ from db.schema import RUN_STATUSES, DeviceSampleRow, LayerProfileRow, Postmortem
 _RUN_FIELDS = frozenset(RunRow.__table__.columns.keys()) - {"id"}
 # Column names are the readings' field names; a field added to a reading without a migration
 # makes the insert fail ("Unconsumed column names") rather than drop the value.
-_ALLOCATOR_FIELDS = tuple(f.name for f in dataclasses.fields(AllocatorReading) if f.name != "taken_at")
-_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(TensorBreakdown))
-_HOST_FIELDS = tuple(f.name for f in dataclasses.fields(HostReading) if f.name != "taken_at")
 _DEVICE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceReading))
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerReading))
 _POSTMORTEM_FIELDS = tuple(f.name for f in dataclasses.fields(PostMortem))
@@ -153,20 +147,7 @@ def add_dropped(engine: Engine, run_id: int, n: int) -> None:
 
 
 def _step_row(run_id: int, sample: StepSample) -> dict[str, Any]:
-    allocator = sample.allocator
-    return {
-        "run_id": run_id,
-        "step": sample.step,
-        "wall_time": sample.wall_time,
-        "loss": sample.loss,
-        "tokens": sample.tokens,
-        "seq_len": sample.seq_len,
-        "step_seconds": sample.step_seconds,
-        "tokens_per_s": sample.tokens_per_s,
-        **{name: getattr(allocator, name) if allocator is not None else None for name in _ALLOCATOR_FIELDS},
-        **{name: getattr(sample.tensors, name) for name in _TENSOR_FIELDS},
-        **{name: getattr(sample.host, name) for name in _HOST_FIELDS},
-    }
+    return {"run_id": run_id, **sample.columns()}
 
 
 def _check_status(status: object) -> None:

@@ -71,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.INVALID_CONFIG
 
 
+def _is_run_reference(text: str) -> bool:
+    if text == "latest" or text.isdigit():
+        return True
+    print(f"run must be an id or 'latest', got {text!r}", file=sys.stderr)
+    return False
+
+
+def _newest(records: list):
+    return records[0] if records else None
+
+
 def _report(args: argparse.Namespace) -> int:
     from db import default_db_url, open_engine
     from db.queries import get_run, list_runs, step_samples
@@ -81,14 +92,9 @@ def _report(args: argparse.Namespace) -> int:
         for run in list_runs(engine):
             print(run_line(run))
         return exit_codes.COMPLETED
-    if args.run == "latest":
-        latest = list_runs(engine, limit=1)
-        run = latest[0] if latest else None
-    elif args.run.isdigit():
-        run = get_run(engine, int(args.run))
-    else:
-        print(f"run must be an id or 'latest', got {args.run!r}", file=sys.stderr)
+    if not _is_run_reference(args.run):
         return exit_codes.INVALID_CONFIG
+    run = _newest(list_runs(engine, limit=1)) if args.run == "latest" else get_run(engine, int(args.run))
     if run is None:
         print(f"no run {args.run} in {engine.url}", file=sys.stderr)
         return exit_codes.FAILED
@@ -105,14 +111,12 @@ def _postmortem(args: argparse.Namespace) -> int:
     from trainer.report import postmortem_report
 
     engine = open_engine(args.db or default_db_url())
-    if args.run == "latest":
-        found = list_postmortems(engine, limit=1)
-        record = found[0] if found else None
-    elif args.run.isdigit():
-        record = get_postmortem(engine, int(args.run))
-    else:
-        print(f"run must be an id or 'latest', got {args.run!r}", file=sys.stderr)
+    if not _is_run_reference(args.run):
         return exit_codes.INVALID_CONFIG
+    if args.run == "latest":
+        record = _newest(list_postmortems(engine, limit=1))
+    else:
+        record = get_postmortem(engine, int(args.run))
     if record is None:
         print(f"no post-mortem for run {args.run} (only runs that ran out of memory have one)", file=sys.stderr)
         return exit_codes.FAILED

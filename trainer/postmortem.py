@@ -14,28 +14,10 @@ import torch
 
 from collector.cuda_oom import CudaOomCapture, save_snapshot
 from collector.monitor import StepMonitor
-from collector.readings import PostMortem, StepSample
+from collector.readings import PostMortem
 from collector.whereabouts import Position
 from diagnosis.findings import explain_failure
 from diagnosis.oom_text import requested_bytes
-
-
-def step_record(sample: StepSample) -> dict:
-    """A StepSample flattened to the `step_samples` column names."""
-    record = {
-        "step": sample.step,
-        "wall_time": sample.wall_time,
-        "loss": sample.loss,
-        "tokens": sample.tokens,
-        "seq_len": sample.seq_len,
-        "step_seconds": sample.step_seconds,
-        "tokens_per_s": sample.tokens_per_s,
-    }
-    if sample.allocator is not None:
-        record |= {k: v for k, v in dataclasses.asdict(sample.allocator).items() if k != "taken_at"}
-    record |= dataclasses.asdict(sample.tensors)
-    record |= {k: v for k, v in dataclasses.asdict(sample.host).items() if k != "taken_at"}
-    return record
 
 
 def build_postmortem(
@@ -50,7 +32,7 @@ def build_postmortem(
     snapshot_max_bytes: int,
 ) -> PostMortem:
     message = str(error) or type(error).__name__
-    recent = tuple(step_record(s) for s in monitor.recent_steps) if monitor else ()
+    recent = tuple(s.columns() for s in monitor.recent_steps) if monitor else ()
     batch = position.batch_shape if position else None
     finding = explain_failure(
         position.step if position else None, batch["seq_len"] if batch else None, list(recent)
