@@ -131,15 +131,20 @@ class StepMonitor:
     def position(self) -> Position:
         return self.where.position()
 
-    def breakdown_now(self) -> TensorBreakdown:
-        """The tensors as they are at this moment (a failure mid-step): gradients counted now,
-        activations saved so far by the forward in progress."""
+    def _breakdown(self, gradients: int, activations: int | None) -> TensorBreakdown:
         return TensorBreakdown(
             parameter_bytes=self._parameter_bytes,
             trainable_parameter_bytes=self._trainable_bytes,
-            gradient_bytes=gradient_bytes(self._trainable),
+            gradient_bytes=gradients,
             optimizer_state_bytes=optimizer_state_bytes(self._optimizer),
-            activation_bytes=self._activations.current_bytes if self._activations else None,
+            activation_bytes=activations,
+        )
+
+    def breakdown_now(self) -> TensorBreakdown:
+        """The tensors as they are at this moment (a failure mid-step): gradients counted now,
+        activations saved so far by the forward in progress."""
+        return self._breakdown(
+            gradient_bytes(self._trainable), self._activations.current_bytes if self._activations else None
         )
 
     def host_now(self):
@@ -153,12 +158,8 @@ class StepMonitor:
         step_seconds = time.perf_counter() - self._step_started
         wall_time = time.time()
         allocator = self._allocator.sample_and_reset() if self._allocator else None
-        tensors = TensorBreakdown(
-            parameter_bytes=self._parameter_bytes,
-            trainable_parameter_bytes=self._trainable_bytes,
-            gradient_bytes=self._gradient_bytes,
-            optimizer_state_bytes=optimizer_state_bytes(self._optimizer),
-            activation_bytes=self._activations.take_peak() if self._activations else None,
+        tensors = self._breakdown(
+            self._gradient_bytes, self._activations.take_peak() if self._activations else None
         )
         host = self._host.sample()
         if self.profiler is not None and self.profiler.active:

@@ -38,15 +38,20 @@ _MIGRATION_LOCK = threading.Lock()
 _WRITE_OPTION = "oomlens_write"
 
 
+def workspace_dir() -> Path:
+    """$OOMLENS_WORKSPACE or ~/.oomlens, created; absolute, so a child process started in
+    another directory finds the same files."""
+    workspace = Path(os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
+    workspace.mkdir(parents=True, exist_ok=True)
+    return workspace
+
+
 def default_db_url() -> str:
     """The URL every process agrees on without being told: $OOMLENS_DB_URL, else the workspace file."""
     url = os.environ.get(DB_URL_ENV)
     if url:
         return url
-    # Absolute, so a child process started in another directory opens the same file.
-    workspace = Path(os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().resolve()
-    workspace.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{workspace / 'oomlens.db'}"
+    return f"sqlite:///{workspace_dir() / 'oomlens.db'}"
 
 
 def open_engine(url: str | None = None) -> Engine:

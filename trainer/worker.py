@@ -29,6 +29,7 @@ from collector.nvml import NvmlSampler, NvmlUnavailable, open_nvml
 from collector.sink import RecordSink
 from collector.tensors import unique_storage_bytes
 from db import open_engine
+from db.engine import workspace_dir
 from db.queries import get_run
 from db.writes import add_dropped, end_run, heartbeat, record_postmortem, update_run, write_records
 from trainer import exit_codes
@@ -96,7 +97,7 @@ def _snapshot_dir(url: Any, run_id: int) -> Path:
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         base = Path(url.database).parent
     else:
-        base = Path(os.environ.get("OOMLENS_WORKSPACE", "~/.oomlens")).expanduser()
+        base = workspace_dir()
     return base / "snapshots" / f"run-{run_id}"
 
 
