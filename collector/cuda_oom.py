@@ -72,11 +72,6 @@ class CudaOomObserver:
             snapshot=snapshot,
         )
 
-    def stop_history(self) -> None:
-        if self.history_enabled:
-            torch.cuda.memory._record_memory_history(enabled=None)
-            self.history_enabled = False
-
 
 def save_snapshot(snapshot: dict, path: Path, max_bytes: int) -> tuple[int | None, str | None]:
     """Write a gzip-compressed pickle of our own snapshot (builtin types only); refuse past a cap.

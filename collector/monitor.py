@@ -20,7 +20,7 @@ import torch
 from collector.allocator import allocated_bytes_now, allocator_probe_for
 from collector.host import HostProbe
 from collector.layers import LayerProfiler
-from collector.readings import LayerReading, StepSample, TensorBreakdown
+from collector.readings import HostReading, LayerReading, StepSample, TensorBreakdown
 from collector.tensors import ActivationCounter, gradient_bytes, optimizer_state_bytes, parameter_bytes
 from collector.whereabouts import Position, Whereabouts
 
@@ -147,7 +147,7 @@ class StepMonitor:
             gradient_bytes(self._trainable), self._activations.current_bytes if self._activations else None
         )
 
-    def host_now(self):
+    def host_now(self) -> HostReading:
         return self._host.sample()
 
     def layer_profile(self) -> tuple[LayerReading, ...]:
