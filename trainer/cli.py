@@ -7,7 +7,7 @@ import logging
 import sys
 
 from trainer import exit_codes
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, load_config, runner_issues
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
             print(cfg.to_yaml(), end="")
+            issues = runner_issues(cfg)
+            if issues:
+                lines = "\n".join(f"  - {issue}" for issue in issues)
+                print(f"valid for estimates, but the runner cannot train it here:\n{lines}", file=sys.stderr)
             return exit_codes.COMPLETED
         from db import default_db_url
         from trainer.launcher import launch

@@ -52,6 +52,8 @@ class ModelConfig(_Section):
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
+    # Base weights quantised by bitsandbytes (QLoRA: nf4 with LoRA adapters); CUDA only.
+    quantization: Literal["none", "nf4", "int8"] = "none"
 
 
 class LoraConfig(_Section):
@@ -78,11 +80,15 @@ class TrainConfig(_Section):
     grad_accum_steps: int = Field(1, ge=1, le=65_536)
     max_steps: int = Field(20, ge=1)
     lr: float = Field(1.0e-4, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # adamw_8bit / paged_adamw_8bit / paged_adamw come from bitsandbytes (CUDA only).
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adafactor", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     device: str = "auto"
     seed: int = 0
+    # Data-parallel ranks the step is spread over. The estimator divides ZeRO-sharded states by it;
+    # the runner itself trains on one device.
+    num_gpus: int = Field(1, ge=1, le=65_536)
 
 
 class MemoryConfig(_Section):
@@ -92,6 +98,14 @@ class MemoryConfig(_Section):
     limit_gb: float | None = Field(None, gt=0)
     # Becomes PYTORCH_CUDA_ALLOC_CONF (and PYTORCH_ALLOC_CONF) for the trainer process.
     alloc_conf: str | None = None
+
+
+class DeepSpeedConfig(_Section):
+    """ZeRO sharding and offload (the DeepSpeed config's `zero_optimization` keys)."""
+
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
 
 
 class MonitorConfig(_Section):
@@ -122,6 +136,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    deepspeed: DeepSpeedConfig | None = None
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
@@ -151,12 +166,17 @@ def _check_model_name(name: str) -> str | None:
         if not (path / "config.json").is_file():
             return f"directory {name!r} has no config.json"
         return None
-    if path.exists():
-        return f"{name!r} is a file; give a preset, a directory holding config.json, or a hub id"
+    if path.is_file():
+        if path.suffix != ".json":
+            return f"{name!r} is a file but not a config.json; give a preset, a directory, a config.json or a hub id"
+        return None
     # A hub id has the form owner/name; anything else is a typo of a preset or a path.
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return None
-    return f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}), an existing directory, nor a hub id"
+    return (
+        f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}), an existing directory or config.json, "
+        "nor a hub id"
+    )
 
 
 def _check_data_source(source: str) -> str | None:
@@ -217,13 +237,64 @@ def _cross_checks(cfg: RunConfig, broken: set[str]) -> list[ConfigIssue]:
             f"{cfg.data.seq_len} exceeds {cfg.model.name}'s {preset.max_positions} positions",
             reads=("model.name",),
         )
-    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+    if cfg.model.quantization != "none" and cfg.lora is None:
         add(
-            "model.attn_implementation",
-            "flash_attention_2 needs the flash-attn package (CUDA only); use sdpa or eager",
+            "model.quantization",
+            f"{cfg.model.quantization} base weights cannot be trained in full; add a lora section (QLoRA)",
+            reads=("lora",),
         )
+    stage = cfg.deepspeed.zero_stage if cfg.deepspeed else 0
+    if cfg.deepspeed and cfg.deepspeed.offload_optimizer != "none" and stage < 1:
+        add("deepspeed.offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3", reads=("deepspeed.zero_stage",))
+    if cfg.deepspeed and cfg.deepspeed.offload_params != "none" and stage != 3:
+        add("deepspeed.offload_params", "needs deepspeed.zero_stage 3", reads=("deepspeed.zero_stage",))
     if cfg.memory.alloc_conf is not None and not cfg.memory.alloc_conf.strip():
         add("memory.alloc_conf", "empty; leave it null or give e.g. expandable_segments:True")
+    return issues
+
+
+_BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw")
+
+
+def runner_issues(cfg: RunConfig) -> list[ConfigIssue]:
+    """What stops the runner on this machine from training a config that is valid on paper.
+
+    Kept apart from `validate_config` because the estimator must accept these configs: a user plans
+    a flash-attention QLoRA run across 8 GPUs on a laptop without any of those packages.
+    """
+    issues: list[ConfigIssue] = []
+    on_cpu = cfg.train.device == "cpu"
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        issues.append(
+            ConfigIssue(
+                "model.attn_implementation",
+                "flash_attention_2 needs the flash-attn package (CUDA only); use sdpa or eager",
+            )
+        )
+    needs_bnb = []
+    if cfg.model.quantization != "none":
+        needs_bnb.append(("model.quantization", f"{cfg.model.quantization} quantisation"))
+    if cfg.train.optimizer in _BITSANDBYTES_OPTIMIZERS:
+        needs_bnb.append(("train.optimizer", f"the {cfg.train.optimizer} optimizer"))
+    for key, what in needs_bnb:
+        if on_cpu:
+            issues.append(ConfigIssue(key, f"{what} runs on CUDA only (bitsandbytes); train.device is cpu"))
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            issues.append(ConfigIssue(key, f"{what} needs the bitsandbytes package (pip install bitsandbytes)"))
+    if cfg.deepspeed is not None and (
+        cfg.deepspeed.zero_stage > 0 or "none" not in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params)
+    ):
+        issues.append(
+            ConfigIssue(
+                "deepspeed",
+                "the runner trains without DeepSpeed for now; the deepspeed keys are for estimates "
+                "(python -m diagnosis estimate)",
+            )
+        )
+    if cfg.train.num_gpus > 1:
+        issues.append(
+            ConfigIssue("train.num_gpus", "the runner trains on one device; num_gpus > 1 is for estimates")
+        )
     return issues
 
 

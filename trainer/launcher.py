@@ -15,7 +15,7 @@ from typing import Any
 
 from db import open_engine
 from db.writes import create_run, end_run
-from trainer.config import ConfigError, ConfigIssue, RunConfig
+from trainer.config import ConfigError, ConfigIssue, RunConfig, runner_issues
 
 
 def _check_device_exists(cfg: RunConfig) -> None:
@@ -43,6 +43,9 @@ def worker_command(run_id: int, db_url: str) -> list[str]:
 
 def launch(cfg: RunConfig, db_url: str, *, name: str | None = None, parent_run_id: int | None = None) -> int:
     """Run one training to its end; returns the exit code (see trainer.exit_codes)."""
+    issues = runner_issues(cfg)
+    if issues:
+        raise ConfigError(issues)
     _check_device_exists(cfg)
     engine = open_engine(db_url)
     run_id = create_run(engine, cfg.to_dict(), name=name, parent_run_id=parent_run_id)

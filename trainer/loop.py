@@ -37,10 +37,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_BITSANDBYTES_OPTIMIZERS = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw": "PagedAdamW",
+}
+
+
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate like the other optimizers; Adafactor's relative step would ignore train.lr.
+        return Adafactor(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False
+        )
+    if cfg.optimizer in _BITSANDBYTES_OPTIMIZERS:
+        import bitsandbytes  # refused before launch where it is missing (trainer.config.runner_issues)
+
+        optimizer_class = getattr(bitsandbytes.optim, _BITSANDBYTES_OPTIMIZERS[cfg.optimizer])
+        return optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

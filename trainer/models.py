@@ -9,6 +9,8 @@ non-reentrant implementation PyTorch recommends (works with frozen LoRA bases wi
 from __future__ import annotations
 
 import importlib.util
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,22 +50,63 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def _load_base(cfg: ModelConfig) -> tuple[torch.nn.Module, str, str | None]:
-    common = dict(attn_implementation=cfg.attn_implementation, dtype=TORCH_DTYPES[cfg.dtype])
-    auto = transformers.AutoModelForCausalLM
-    preset = PRESETS.get(cfg.name)
+def hf_config(name: str) -> transformers.PretrainedConfig | None:
+    """The transformers config of a preset, a directory holding config.json, or a config.json file;
+    None for anything else (a hub id). The estimator's traced mode builds from the same object."""
+    preset = PRESETS.get(name)
     if preset is not None:
-        config = getattr(transformers, preset.config_class)(**preset.config_kwargs)
-        return auto.from_config(config, **common), "preset", None
-    path = Path(cfg.name).expanduser()
+        return getattr(transformers, preset.config_class)(**preset.config_kwargs)
+    path = Path(name).expanduser()
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        if "model_type" not in raw:
+            raise ModelSetupError(f"model.name {name!r}: config.json has no model_type")
+        return transformers.AutoConfig.for_model(**raw)
     if path.is_dir():
+        return transformers.AutoConfig.from_pretrained(str(path))
+    return None
+
+
+def _quantization_config(quantization: str) -> transformers.BitsAndBytesConfig | None:
+    if quantization == "nf4":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if quantization == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _quantized_from_config(config: transformers.PretrainedConfig, common: dict, loading: dict) -> torch.nn.Module:
+    """bitsandbytes quantises while loading a checkpoint only: random weights go through a
+    temporary one."""
+    with tempfile.TemporaryDirectory(prefix="oomlens-random-weights-") as tmp:
+        transformers.AutoModelForCausalLM.from_config(config, **common).save_pretrained(tmp)
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp, **loading)
+
+
+def _load_base(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Module, str, str | None]:
+    common = dict(attn_implementation=cfg.attn_implementation, dtype=TORCH_DTYPES[cfg.dtype])
+    quantization = _quantization_config(cfg.quantization)
+    # bitsandbytes places quantised weights while loading; such a model refuses a later .to().
+    loading = dict(common, quantization_config=quantization, device_map={"": device}) if quantization else common
+    auto = transformers.AutoModelForCausalLM
+    path = Path(cfg.name).expanduser()
+    if path.is_dir() and _has_weights(path):
         tokenizer = str(path) if _has_tokenizer(path) else None
-        if _has_weights(path):
-            return auto.from_pretrained(str(path), **common), "checkpoint", tokenizer
-        config = transformers.AutoConfig.from_pretrained(str(path))
-        return auto.from_config(config, **common), "config.json (random weights)", tokenizer
+        return auto.from_pretrained(str(path), **loading), "checkpoint", tokenizer
+    config = hf_config(cfg.name)
+    if config is not None:
+        source = "preset" if cfg.name in PRESETS else "config.json (random weights)"
+        tokenizer = str(path) if path.is_dir() and _has_tokenizer(path) else None
+        if quantization is not None:
+            return _quantized_from_config(config, common, loading), source, tokenizer
+        return auto.from_config(config, **common), source, tokenizer
     try:
-        return auto.from_pretrained(cfg.name, **common), "hub", cfg.name
+        return auto.from_pretrained(cfg.name, **loading), "hub", cfg.name
     except OSError as error:
         raise ModelSetupError(f"model.name {cfg.name!r}: could not load from the hub ({error})") from error
 
@@ -96,7 +139,7 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
 def build_model(cfg: ModelConfig, lora: LoraConfig | None, device: torch.device) -> BuiltModel:
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelSetupError("model.attn_implementation flash_attention_2 needs the flash-attn package (CUDA only)")
-    model, source, tokenizer = _load_base(cfg)
+    model, source, tokenizer = _load_base(cfg, device)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     model.config.use_cache = False  # a KV cache is dead weight in training
@@ -104,6 +147,7 @@ def build_model(cfg: ModelConfig, lora: LoraConfig | None, device: torch.device)
     vocab_size = int(model.get_input_embeddings().num_embeddings)
     if lora is not None:
         model = _apply_lora(model, lora)
-    model.to(device)
+    if cfg.quantization == "none":
+        model.to(device)
     model.train()
     return BuiltModel(model, source, attn, vocab_size, tokenizer)

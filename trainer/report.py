@@ -3,18 +3,7 @@
 from __future__ import annotations
 
 from db.queries import PostmortemRecord, RunRecord, StepRecord
-
-_UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
-
-
-def human_bytes(value: int | None) -> str:
-    """'n/a' for an unavailable reading, so it never reads as zero."""
-    if value is None:
-        return "n/a"
-    for unit, size in _UNITS:
-        if abs(value) >= size:
-            return f"{value / size:,.1f} {unit}"
-    return f"{value} B"
+from diagnosis.units import human_bytes
 
 
 def run_line(run: RunRecord) -> str:

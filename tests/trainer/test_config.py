@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import ConfigError, RunConfig, apply_overrides, load_config, validate_config
+from trainer.config import ConfigError, RunConfig, apply_overrides, load_config, runner_issues, validate_config
 
 ISSUE_EXAMPLE = """
 model:   {name: tiny-llama, dtype: fp32, attn_implementation: sdpa, gradient_checkpointing: false}
@@ -131,3 +131,57 @@ def test_config_module_does_not_import_torch():
     code = "import sys, trainer.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_estimate_keys_validate_and_round_trip():
+    cfg = validate_config(
+        {
+            "model": {"name": "tiny-llama", "dtype": "bf16", "quantization": "nf4"},
+            "train": {"optimizer": "paged_adamw_8bit", "num_gpus": 8},
+            "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
+        }
+    )
+    assert cfg.model.quantization == "nf4" and cfg.train.num_gpus == 8 and cfg.deepspeed.zero_stage == 3
+    assert validate_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert RunConfig().deepspeed is None and RunConfig().model.quantization == "none"
+
+
+def test_estimate_key_cross_checks_name_their_keys():
+    with pytest.raises(ConfigError) as caught:
+        validate_config(
+            {
+                "model": {"quantization": "int8"},
+                "lora": None,
+                "deepspeed": {"zero_stage": 1, "offload_params": "cpu"},
+                "train": {"optimizer": "lamb", "num_gpus": 0},
+            }
+        )
+    keys = sorted(issue.key for issue in caught.value.issues)
+    assert keys == ["deepspeed.offload_params", "model.quantization", "train.num_gpus", "train.optimizer"]
+    with pytest.raises(ConfigError, match="deepspeed.offload_optimizer: needs deepspeed.zero_stage"):
+        validate_config({"deepspeed": {"offload_optimizer": "cpu"}})
+
+
+def test_runner_refuses_what_it_cannot_train_but_estimates_accept():
+    cfg = validate_config(
+        {
+            "model": {"quantization": "nf4", "attn_implementation": "flash_attention_2"},
+            "train": {"device": "cpu", "optimizer": "adamw_8bit", "num_gpus": 2},
+            "deepspeed": {"zero_stage": 2},
+        }
+    )
+    issues = {issue.key: issue.message for issue in runner_issues(cfg)}
+    assert set(issues) == {"model.quantization", "model.attn_implementation", "train.optimizer", "train.num_gpus",
+                           "deepspeed"}
+    assert "CUDA only" in issues["model.quantization"] and "for estimates" in issues["train.num_gpus"]
+    assert runner_issues(validate_config({"train": {"optimizer": "adafactor"}})) == []
+
+
+def test_model_name_may_be_a_config_json_file(tmp_path):
+    config = tmp_path / "my-config.json"
+    config.write_text('{"model_type": "llama"}')
+    assert validate_config({"model": {"name": str(config)}, "lora": None}).model.name == str(config)
+    other = tmp_path / "weights.bin"
+    other.write_text("x")
+    with pytest.raises(ConfigError, match="not a config.json"):
+        validate_config({"model": {"name": str(other)}})

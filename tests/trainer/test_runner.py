@@ -171,3 +171,10 @@ def test_unknown_architecture_fails_with_the_traceback_stored(tmp_path, db_url):
     assert result.returncode == 1
     run = get_run(open_engine(db_url), first_line_run_id(result.stdout))
     assert run.status == "failed" and "Traceback" in run.error_text and "no-such-architecture" in run.error_text
+
+
+def test_quantization_on_cpu_is_refused_before_start(tmp_path, db_url):
+    result = run_trainer(tmp_path, db_url, "train.device=cpu", "model.quantization=nf4", "train.num_gpus=2")
+    assert result.returncode == 2
+    assert "model.quantization" in result.stderr and "CUDA only" in result.stderr and "train.num_gpus" in result.stderr
+    assert list_runs(open_engine(db_url)) == []
