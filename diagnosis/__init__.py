@@ -1,2 +1,5 @@
 """Pure functions over measurements: OOM message parsing, memory estimates, ranked fixes.
-Nothing here yet: the diagnosis engine is issue #4."""
+
+`python -m diagnosis parse|suggest|estimate|fit|snapshot` is the command line over them; the
+runner's post-mortems and the dashboard call the same functions.
+"""

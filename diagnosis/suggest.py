@@ -1,0 +1,738 @@
+"""Ranked fixes for an out-of-memory failure, each with the bytes it saves and the exact change.
+
+Input is whatever the user has: a parsed OOM message, a post-mortem the runner saved, a snapshot
+summary, a run config (then every saving is a what-if of the estimator: the config estimated
+as is and with the change). Output is best first:
+
+1. fixes that would close the shortfall (bytes missing at the failure), cheapest first: an
+   allocator setting costs nothing, checkpointing costs ~30% of step time, offload much more,
+   and a shorter sequence changes the task;
+2. fixes that help but not enough alone, by bytes saved;
+3. diagnostics that are not a config change (a leak, another process, the checkpoint save path);
+4. commonly advised fixes that cannot help here, said explicitly with their (small) saving.
+
+Nothing here reads a database or imports torch: the dashboard, the CLI and the runner's
+post-mortems call the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from diagnosis.estimate import MemoryEstimate
+from diagnosis.oom_text import OomMessage
+from diagnosis.units import GIB, MIB, human_bytes
+from trainer.config import ConfigError, RunConfig, apply_overrides, validate_config
+
+CATEGORIES = (
+    "alloc_conf",
+    "gradient_checkpointing",
+    "reduce_batch",
+    "reduce_seq_len",
+    "lora",
+    "zero",
+    "offload",
+    "efficient_attention",
+    "mixed_precision",
+    "quantization",
+    "optimizer_8bit",
+    "leak",
+    "other_process",
+    "host_memory",
+    "checkpoint_save",
+)
+# Cheapest first: what a user gives up (speed, fidelity, the task itself) to take the fix.
+_COST_ORDER = (
+    "alloc_conf",
+    "efficient_attention",
+    "mixed_precision",
+    "optimizer_8bit",
+    "gradient_checkpointing",
+    "reduce_batch",
+    "lora",
+    "quantization",
+    "zero",
+    "offload",
+    "reduce_seq_len",
+)
+_DIAGNOSTICS = ("leak", "other_process", "checkpoint_save", "host_memory")
+
+Confidence = Literal["high", "medium", "low"]
+Estimator = Callable[..., MemoryEstimate]
+
+# A fix saving less than this share of the shortfall "cannot help": it is listed to say so.
+CANNOT_HELP_SHARE = 0.05
+# Below this share of the peak a component is not worth a fix of its own.
+DOMINANT_SHARE = 0.25
+_EXPANDABLE_SINCE = (2, 1)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    category: str
+    change: str  # what to type: "model.gradient_checkpointing=true" or "PYTORCH_CUDA_ALLOC_CONF=..."
+    saves_bytes: int | None
+    confidence: Confidence
+    why: str
+    # Config keys → values that apply the change to a run config (empty when it is not a config change).
+    patch: Mapping[str, Any] = field(default_factory=dict)
+    # Why saves_bytes is null, when it is.
+    saves_reason: str | None = None
+    # False: a fix people commonly advise that would not make this fit; listed to say so.
+    helps: bool = True
+    # Whether the saving alone closes the shortfall (None when the shortfall is unknown).
+    sufficient: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.category not in CATEGORIES:
+            raise ValueError(f"unknown category {self.category!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "category": self.category,
+            "change": self.change,
+            "patch": dict(self.patch),
+            "saves_bytes": self.saves_bytes,
+            "saves_reason": self.saves_reason,
+            "confidence": self.confidence,
+            "why": self.why,
+            "helps": self.helps,
+            "sufficient": self.sufficient,
+        }
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What is known about one failure or one planned run; every part optional."""
+
+    config: RunConfig | None = None
+    message: OomMessage | None = None
+    # A post-mortem as plain data (collector.readings.PostMortem / db PostmortemRecord as a dict).
+    postmortem: Mapping[str, Any] | None = None
+    # diagnosis.snapshot.SnapshotSummary.to_json() of the allocator snapshot, when there is one.
+    snapshot: Mapping[str, Any] | None = None
+    # The device's usable bytes when the user names a card or a capacity.
+    capacity_bytes: int | None = None
+    # "2.3.1"; decides expandable_segments vs max_split_size_mb.
+    torch_version: str | None = None
+
+
+def evidence_for_run(
+    postmortem: Mapping[str, Any] | None,
+    config: Mapping[str, Any] | None,
+    environment: Mapping[str, Any] | None = None,
+    capacity_bytes: int | None = None,
+) -> Evidence:
+    """Evidence for a run the runner recorded: its post-mortem, its config and environment as stored.
+
+    A stored config that no longer validates (its data file was moved, a preset renamed) still
+    gives suggestions, only without what-ifs.
+    """
+    from diagnosis.oom_text import parse_oom
+
+    cfg = None
+    if config is not None:
+        try:
+            cfg = validate_config(dict(config))
+        except ConfigError:
+            cfg = None
+    message = parse_oom((postmortem or {}).get("error_text") or "") if postmortem else None
+    packages = (environment or {}).get("versions") or {}
+    return Evidence(cfg, message, postmortem, None, capacity_bytes, packages.get("torch"))
+
+
+# --- facts derived from the evidence -------------------------------------------------------------
+
+
+def _on_cpu(ev: Evidence) -> bool:
+    if ev.message is not None:
+        return ev.message.backend in ("cpu", "python")
+    if ev.postmortem is not None:
+        return str(ev.postmortem.get("device", "")).startswith("cpu")
+    if ev.config is not None:
+        return ev.config.train.device == "cpu"
+    return False
+
+
+def capacity_bytes(ev: Evidence) -> int | None:
+    """The budget the step had to fit in: a named card, the message's cap, the device, the limit."""
+    if ev.capacity_bytes is not None:
+        return ev.capacity_bytes
+    if ev.message is not None and (ev.message.allowed_bytes or ev.message.total_bytes):
+        return ev.message.allowed_bytes or ev.message.total_bytes
+    if ev.config is not None and ev.config.memory.limit_gb is not None:
+        return int(ev.config.memory.limit_gb * GIB)
+    if ev.postmortem is not None and ev.postmortem.get("device_total_bytes"):
+        return int(ev.postmortem["device_total_bytes"])
+    return None
+
+
+def requested_bytes(ev: Evidence) -> int | None:
+    if ev.message is not None and ev.message.requested_bytes is not None:
+        return ev.message.requested_bytes
+    if ev.postmortem is not None:
+        return ev.postmortem.get("requested_bytes")
+    return None
+
+
+def free_bytes(ev: Evidence) -> int | None:
+    if ev.message is not None and ev.message.free_bytes is not None:
+        return ev.message.free_bytes
+    if ev.postmortem is not None:
+        return ev.postmortem.get("device_free_bytes")
+    return None
+
+
+def cached_bytes(ev: Evidence) -> int | None:
+    """Reserved by PyTorch but not allocated at the failure: free to reuse only if not split up."""
+    if ev.message is not None and ev.message.reserved_unallocated_bytes is not None:
+        return ev.message.reserved_unallocated_bytes
+    stats = (ev.postmortem or {}).get("allocator_stats") or {}
+    reserved, allocated = stats.get("reserved_bytes.all.current"), stats.get("allocated_bytes.all.current")
+    if reserved is not None and allocated is not None:
+        return max(0, reserved - allocated)
+    totals = (ev.snapshot or {}).get("totals") or {}
+    if totals.get("reserved_bytes") is not None and totals.get("allocated_bytes") is not None:
+        return max(0, totals["reserved_bytes"] - totals["allocated_bytes"])
+    return None
+
+
+def _measured(ev: Evidence) -> dict[str, int]:
+    """The runner's tensor breakdown at the failure, keyed like the estimate's breakdown."""
+    tensors = (ev.postmortem or {}).get("tensors") or {}
+    names = {
+        "parameters": "parameter_bytes",
+        "gradients": "gradient_bytes",
+        "optimizer_states": "optimizer_state_bytes",
+        "activations": "activation_bytes",
+    }
+    return {key: int(tensors[name]) for key, name in names.items() if tensors.get(name) is not None}
+
+
+def _torch_at_least(version: str | None, wanted: tuple[int, int]) -> bool | None:
+    if not version:
+        return None
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return None if match is None else (int(match[1]), int(match[2])) >= wanted
+
+
+def _frames_text(ev: Evidence) -> str:
+    parts = [(ev.postmortem or {}).get("traceback") or ""]
+    if ev.message is not None:
+        parts.append(ev.message.text)
+    return "\n".join(parts)
+
+
+# --- what-ifs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Context:
+    ev: Evidence
+    estimator: Estimator | None
+    device: str
+    base: MemoryEstimate | None
+    shortfall: int | None
+
+    def what_if(self, patch: Mapping[str, Any]) -> int | None:
+        """Peak bytes the change saves, by the estimator; None when the patched config is invalid."""
+        if self.base is None or self.ev.config is None or self.estimator is None:
+            return None
+        patched = patch_config(self.ev.config, patch)
+        if patched is None:
+            return None
+        after = self.estimator(patched, device=self.device)
+        return self.base.device_bytes - after.device_bytes
+
+
+def patch_config(cfg: RunConfig, patch: Mapping[str, Any]) -> RunConfig | None:
+    """`cfg` with dotted keys set, or None when the result is not a valid config."""
+    overrides = [f"{key}={_yaml_value(value)}" for key, value in patch.items()]
+    try:
+        return validate_config(apply_overrides(cfg.to_dict(), overrides))
+    except ConfigError:
+        return None
+
+
+def _yaml_value(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _change_text(patch: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={_yaml_value(value)}" for key, value in patch.items())
+
+
+def _shortfall(ev: Evidence, base: MemoryEstimate | None) -> int | None:
+    """Bytes missing: what the failed request lacked, or how far the estimated peak overshoots."""
+    candidates = []
+    requested, free = requested_bytes(ev), free_bytes(ev)
+    if requested is not None and free is not None:
+        candidates.append(requested - free)
+    capacity = capacity_bytes(ev)
+    if base is not None and capacity is not None:
+        candidates.append(base.device_bytes - capacity)
+    if requested is not None and free is None and not candidates:
+        candidates.append(requested)
+    positive = [c for c in candidates if c > 0]
+    return max(positive) if positive else (None if not candidates else 0)
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+
+def _rule_alloc_conf(ctx: _Context) -> list[Suggestion]:
+    ev = ctx.ev
+    if _on_cpu(ev):
+        return []
+    cached, requested = cached_bytes(ev), requested_bytes(ev)
+    varying = ev.config is not None and ev.config.data.vary_length
+    if cached is None and not varying:
+        return []
+    already = ev.config.memory.alloc_conf if ev.config is not None else None
+    new_torch = _torch_at_least(ev.torch_version, _EXPANDABLE_SINCE)
+    if new_torch is None and ev.message is not None:
+        new_torch = not ev.message.era.startswith("cuda<=")
+    if new_torch is False:
+        split_mb = 128 if requested is None or requested > 128 * MIB else 64
+        value = f"max_split_size_mb:{split_mb}"
+        setting = f"max_split_size_mb:{split_mb} (expandable_segments needs torch >= 2.1)"
+    else:
+        value, setting = "expandable_segments:True", "expandable_segments:True"
+    if already and value.split(":")[0] in already:
+        return []
+    patch = {"memory.alloc_conf": value}
+    change = f"PYTORCH_CUDA_ALLOC_CONF={value} (config: memory.alloc_conf={value})"
+    if cached is None:
+        why = (
+            "Variable sequence lengths leave differently sized free slivers in the allocator's segments; "
+            f"{setting} lets segments grow in place instead. No allocator reading says how much it frees here."
+        )
+        return [Suggestion("alloc_conf", change, None, "low", why, patch, "no allocator reading at the failure")]
+    share = cached / requested if requested else None
+    if requested and cached >= requested:
+        why = (
+            f"{human_bytes(cached)} was reserved by PyTorch but unallocated, more than the {human_bytes(requested)} "
+            "request: the free memory was there but split into pieces too small. "
+            f"{setting} stops the splitting."
+        )
+        return [Suggestion("alloc_conf", change, cached, "high", why, patch)]
+    if share is not None and share >= 0.3:
+        why = (
+            f"{human_bytes(cached)} was cached but unusable, {share:.0%} of the {human_bytes(requested)} request; "
+            f"{setting} would have let the allocator serve part of it."
+        )
+        return [Suggestion("alloc_conf", change, cached, "medium", why, patch)]
+    why = (
+        f"Only {human_bytes(cached)} was reserved but unallocated"
+        + (f" against a {human_bytes(requested)} request" if requested else "")
+        + ": fragmentation is not the problem, and an allocator setting cannot make this fit."
+    )
+    return [Suggestion("alloc_conf", change, cached, "low", why, patch, helps=False)]
+
+
+def _component(ctx: _Context, key: str) -> tuple[int | None, str]:
+    """A component's bytes, measured at the failure if the runner saw it, else estimated."""
+    measured = _measured(ctx.ev)
+    if key in measured:
+        return measured[key], "measured at the failure"
+    if ctx.base is not None:
+        value = ctx.base.totals.get(key, ctx.base.breakdown.get(key))
+        return value, "estimated"
+    return None, ""
+
+
+def _share_of_peak(ctx: _Context, saves: int | None) -> float:
+    if not saves or ctx.base is None or ctx.base.peak_allocated_bytes <= 0:
+        return 0.0
+    return saves / ctx.base.peak_allocated_bytes
+
+
+def _peak_text(ctx: _Context) -> str:
+    if ctx.base is None:
+        return ""
+    return f" of the {human_bytes(ctx.base.peak_allocated_bytes)} estimated peak"
+
+
+def _rule_efficient_attention(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None or cfg.model.attn_implementation != "eager":
+        return []
+    saves = ctx.what_if({"model.attn_implementation": "sdpa"})
+    seq = cfg.data.seq_len
+    why = (
+        f"Eager attention stores the full {seq:,}×{seq:,} score and probability matrices per head and layer; "
+        "sdpa (built into torch) and flash_attention_2 never materialise them"
+        + (f": saves {human_bytes(saves)}." if saves else ".")
+    )
+    confidence: Confidence = "high" if _share_of_peak(ctx, saves) > 0.1 else "medium"
+    return [
+        Suggestion(
+            "efficient_attention",
+            "model.attn_implementation=sdpa",
+            saves,
+            confidence,
+            why,
+            {"model.attn_implementation": "sdpa"},
+            None if saves is not None else "no config to estimate",
+        )
+    ]
+
+
+def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    activations, source = _component(ctx, "activations")
+    if cfg is not None and cfg.model.gradient_checkpointing:
+        return []
+    if cfg is None and activations is None:
+        return []
+    patch = {"model.gradient_checkpointing": True}
+    saves = ctx.what_if(patch)
+    why = "Gradient checkpointing keeps only each layer's input and recomputes the rest in backward (~30% slower)"
+    if activations is not None:
+        why += f"; activations were {human_bytes(activations)} ({source}){_peak_text(ctx)}"
+    why += f": saves {human_bytes(saves)}." if saves else "."
+    confidence: Confidence = "high" if _share_of_peak(ctx, saves) > DOMINANT_SHARE else "medium"
+    return [
+        Suggestion(
+            "gradient_checkpointing",
+            _change_text(patch),
+            saves,
+            confidence,
+            why,
+            patch,
+            None if saves is not None else "no config to estimate",
+        )
+    ]
+
+
+def _rule_reduce_batch(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None or cfg.train.micro_batch_size < 2:
+        return []
+    micro = cfg.train.micro_batch_size
+    patch = {"train.micro_batch_size": micro // 2, "train.grad_accum_steps": cfg.train.grad_accum_steps * 2}
+    saves = ctx.what_if(patch)
+    why = (
+        f"Half the micro-batch ({micro} → {micro // 2}) with twice the accumulation keeps the effective batch "
+        f"and halves activations and logits" + (f": saves {human_bytes(saves)}." if saves else ".")
+    )
+    return [Suggestion("reduce_batch", _change_text(patch), saves, "high" if saves else "medium", why, patch)]
+
+
+def _rule_reduce_seq_len(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None or cfg.data.seq_len < 256:
+        return []
+    patch = {"data.seq_len": cfg.data.seq_len // 2}
+    if cfg.data.min_seq_len is not None and cfg.data.min_seq_len > cfg.data.seq_len // 2:
+        patch["data.min_seq_len"] = cfg.data.seq_len // 2
+    saves = ctx.what_if(patch)
+    why = (
+        f"Halving the sequence length ({cfg.data.seq_len:,} → {cfg.data.seq_len // 2:,} tokens) halves activations "
+        "and logits (quarters eager attention scores), but changes what the model learns"
+        + (f": saves {human_bytes(saves)}." if saves else ".")
+    )
+    return [Suggestion("reduce_seq_len", _change_text(patch), saves, "medium", why, patch)]
+
+
+def _rule_lora(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None:
+        return []
+    if cfg.lora is None:
+        patch = {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _lora_targets(cfg)}}
+        saves = ctx.what_if(patch)
+        states, source = _component(ctx, "optimizer_states")
+        why = (
+            "Full fine-tuning keeps gradients and optimizer states for every weight"
+            + (f" (optimizer states {human_bytes(states)}, {source})" if states else "")
+            + "; LoRA r=16 trains adapters of a few MiB instead"
+            + (f": saves {human_bytes(saves)}." if saves else ".")
+        )
+        return [
+            Suggestion(
+                "lora",
+                "lora.r=16 (LoRA on the attention projections)",
+                saves,
+                "high" if saves else "medium",
+                why,
+                patch,
+            )
+        ]
+    if cfg.lora.r <= 8:
+        return []
+    patch = {"lora.r": 8}
+    saves = ctx.what_if(patch)
+    if saves is None:
+        return []
+    helps = ctx.shortfall is None or saves >= CANNOT_HELP_SHARE * max(ctx.shortfall, 1)
+    why = f"Lowering lora.r from {cfg.lora.r} to 8 saves {human_bytes(saves)}" + (
+        "."
+        if helps
+        else ": not your problem. The adapters are a rounding error next to the activations "
+        "through the frozen base, which LoRA stores as full fine-tuning does."
+    )
+    return [Suggestion("lora", "lora.r=8", saves, "high", why, patch, helps=helps)]
+
+
+def _lora_targets(cfg: RunConfig) -> list[str]:
+    from trainer.presets import PRESETS
+
+    preset = PRESETS.get(cfg.model.name)
+    names = preset.linear_module_names if preset else ("q_proj", "k_proj", "v_proj", "o_proj")
+    wanted = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if n in names]
+    return wanted or list(names[:1])
+
+
+def _rule_optimizer_8bit(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None or cfg.train.optimizer not in ("adamw", "paged_adamw"):
+        return []
+    states, source = _component(ctx, "optimizer_states")
+    patch = {"train.optimizer": "adamw_8bit"}
+    saves = ctx.what_if(patch)
+    if not saves or saves < 16 * MIB:
+        return []
+    why = (
+        f"AdamW keeps two states per trainable weight ({human_bytes(states)}, {source}); bitsandbytes' 8-bit AdamW "
+        f"keeps them in one byte each: saves {human_bytes(saves)} (CUDA only)."
+    )
+    return [Suggestion("optimizer_8bit", _change_text(patch), saves, "medium", why, patch)]
+
+
+def _rule_mixed_precision(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None or cfg.model.dtype != "fp32":
+        return []
+    patch: dict[str, Any] = {"model.dtype": "bf16", "train.mixed_precision": "no"}
+    saves = ctx.what_if(patch)
+    if not saves or saves <= 0:
+        return []
+    why = (
+        "The weights are fp32: bf16 weights (pure bf16 training, common with LoRA) halve weights, gradients, "
+        f"optimizer states and activations: saves {human_bytes(saves)}. Needs a GPU with bf16 (Ampere or newer)."
+    )
+    return [Suggestion("mixed_precision", _change_text(patch), saves, "medium", why, patch)]
+
+
+def _rule_quantization(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None or cfg.lora is None or cfg.model.quantization != "none":
+        return []
+    patch = {"model.quantization": "nf4"}
+    saves = ctx.what_if(patch)
+    if not saves or saves < 64 * MIB:
+        return []
+    params, source = _component(ctx, "parameters")
+    why = (
+        f"The frozen base weights ({human_bytes(params)}, {source}) can be stored in 4 bits (QLoRA, bitsandbytes): "
+        f"saves {human_bytes(saves)}, at some speed and a small accuracy cost."
+    )
+    return [Suggestion("quantization", _change_text(patch), saves, "medium", why, patch)]
+
+
+def _rule_zero_offload(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None:
+        return []
+    out = []
+    stage = cfg.deepspeed.zero_stage if cfg.deepspeed else 0
+    if cfg.train.num_gpus > 1 and stage < 3:
+        patch = {"deepspeed.zero_stage": 3 if stage >= 2 else 2}
+        saves = ctx.what_if(patch)
+        if saves and saves > 0:
+            why = (
+                f"Across {cfg.train.num_gpus} GPUs ZeRO stage {patch['deepspeed.zero_stage']} shards optimizer states "
+                f"and gradients{' and weights' if patch['deepspeed.zero_stage'] == 3 else ''}: "
+                f"saves {human_bytes(saves)} per GPU."
+            )
+            out.append(Suggestion("zero", _change_text(patch), saves, "medium", why, patch))
+    offload = cfg.deepspeed.offload_optimizer if cfg.deepspeed else "none"
+    if offload == "none":
+        patch = {"deepspeed.zero_stage": max(stage, 2), "deepspeed.offload_optimizer": "cpu"}
+        saves = ctx.what_if(patch)
+        if saves and saves > 16 * MIB:
+            why = (
+                f"Moving optimizer states to host memory (ZeRO-Offload) saves {human_bytes(saves)} on the GPU, "
+                "at a large cost in step time; needs DeepSpeed."
+            )
+            out.append(Suggestion("offload", _change_text(patch), saves, "low", why, patch))
+    return out
+
+
+def _rule_leak(ctx: _Context) -> list[Suggestion]:
+    details = (ctx.ev.postmortem or {}).get("finding_details") or {}
+    trend = details.get("trend")
+    if not trend:
+        return []
+    growth = int(trend.get("growth_bytes", 0))
+    per_step = trend.get("bytes_per_step", 0)
+    cfg = ctx.ev.config
+    if cfg is not None and cfg.debug.leak_mb_per_step > 0:
+        patch: dict[str, Any] = {"debug.leak_mb_per_step": 0}
+        change = "debug.leak_mb_per_step=0"
+    else:
+        patch, change = {}, "keep no tensors across steps (log loss.item(), not loss; clear caches)"
+    why = (
+        f"Memory grew {human_bytes(per_step)} per step since step {trend.get('since_step')} "
+        f"({human_bytes(growth)} in all): something keeps tensors alive across steps. "
+        "No config change fixes a leak; a smaller batch only delays it."
+    )
+    return [Suggestion("leak", change, growth, "high", why, patch)]
+
+
+def _rule_other_process(ctx: _Context) -> list[Suggestion]:
+    msg = ctx.ev.message
+    if msg is None or _on_cpu(ctx.ev):
+        return []
+    out = []
+    others = [p for p in msg.process_bytes if p.pid is not None and p.bytes]
+    if len(others) > 1:
+        # The failing process is one of those listed; the others hold memory it cannot use.
+        biggest = sorted(others, key=lambda p: p.bytes or 0, reverse=True)
+        listed = ", ".join(f"process {p.pid} holds {human_bytes(p.bytes)}" for p in biggest[:4])
+        why = f"Several processes share GPU {msg.device}: {listed}. Stop the ones that are not this training."
+        held = sum(p.bytes or 0 for p in biggest[1:])
+        out.append(Suggestion("other_process", "stop the other processes on this GPU", held, "medium", why))
+    outside = msg.outside_pytorch_bytes
+    if outside is not None and outside > GIB and not out:
+        why = (
+            f"{human_bytes(outside)} of the GPU was held outside PyTorch's allocator (total − free − reserved): "
+            "the CUDA context (~0.3–1 GiB), NCCL buffers, or other processes. Check nvidia-smi for other processes."
+        )
+        out.append(
+            Suggestion(
+                "other_process",
+                "check nvidia-smi for other processes on this GPU",
+                None,
+                "low",
+                why,
+                saves_reason="which part is another process is not in the message",
+            )
+        )
+    return out
+
+
+def _rule_host_memory(ctx: _Context) -> list[Suggestion]:
+    if not _on_cpu(ctx.ev):
+        return []
+    requested = requested_bytes(ctx.ev)
+    cfg = ctx.ev.config
+    limit = f" (memory.limit_gb={cfg.memory.limit_gb:g})" if cfg and cfg.memory.limit_gb else ""
+    why = (
+        "Host memory ran out: the CPU allocator failed"
+        + (f" on a {human_bytes(requested)} request" if requested else "")
+        + f"{limit}. Raise the budget, or make the step smaller with the fixes above."
+    )
+    patch = {"memory.limit_gb": None} if limit else {}
+    change = "memory.limit_gb=null (or more host RAM)" if limit else "more host RAM, or a smaller step"
+    return [Suggestion("host_memory", change, None, "medium", why, patch, "depends on the machine's free RAM")]
+
+
+_SAVE_FRAMES = re.compile(r"save_pretrained|_save_checkpoint|save_model|torch\.save|safetensors|state_dict\(")
+
+
+def _rule_checkpoint_save(ctx: _Context) -> list[Suggestion]:
+    location = ctx.ev.message.location if ctx.ev.message is not None else None
+    if location != "checkpoint_save" and not _SAVE_FRAMES.search(_frames_text(ctx.ev)):
+        return []
+    why = (
+        "It failed while saving a checkpoint, not while training: gathering a full state dict (ZeRO-3 / FSDP) "
+        "or copying tensors for the save needs memory the step freed. Save LoRA adapters only, gather to the CPU "
+        "(stage3_gather_16bit_weights_on_model_save=false, offload_to_cpu), or free the optimizer before saving."
+    )
+    return [
+        Suggestion(
+            "checkpoint_save",
+            "save from a CPU state dict (adapters only for LoRA)",
+            None,
+            "medium",
+            why,
+            saves_reason="the save path's extra copy is not in the evidence",
+        )
+    ]
+
+
+_RULES = (
+    _rule_alloc_conf,
+    _rule_efficient_attention,
+    _rule_checkpointing,
+    _rule_reduce_batch,
+    _rule_reduce_seq_len,
+    _rule_lora,
+    _rule_optimizer_8bit,
+    _rule_mixed_precision,
+    _rule_quantization,
+    _rule_zero_offload,
+    _rule_leak,
+    _rule_other_process,
+    _rule_host_memory,
+    _rule_checkpoint_save,
+)
+
+
+# --- ranking ----------------------------------------------------------------------------------------
+
+
+def _judge(s: Suggestion, shortfall: int | None) -> Suggestion:
+    """Mark whether the saving closes the shortfall, and fixes that save next to nothing."""
+    if s.saves_bytes is None or shortfall is None or s.category in _DIAGNOSTICS:
+        return s
+    sufficient = shortfall <= 0 or s.saves_bytes >= shortfall
+    helps = s.helps and (shortfall <= 0 or s.saves_bytes >= CANNOT_HELP_SHARE * shortfall)
+    if s.helps and not helps:
+        why = s.why.rstrip(".") + f": a {human_bytes(shortfall)} shortfall, so this cannot help on its own."
+        return dataclasses.replace(s, sufficient=False, helps=False, why=why)
+    return dataclasses.replace(s, sufficient=sufficient, helps=helps)
+
+
+_CONFIDENCE_RANK = {"high": 0, "medium": 1, "low": 2}
+
+
+def _rank_key(s: Suggestion) -> tuple:
+    if not s.helps:
+        return (4, -(s.saves_bytes or 0))
+    if s.category == "leak":
+        return (0, 0, 0)
+    if s.sufficient:
+        return (1, _COST_ORDER.index(s.category) if s.category in _COST_ORDER else 99, -(s.saves_bytes or 0))
+    if s.category in _DIAGNOSTICS:
+        return (3, _CONFIDENCE_RANK[s.confidence], 0)
+    return (2, -(s.saves_bytes or 0), _CONFIDENCE_RANK[s.confidence])
+
+
+def _default_estimator() -> Estimator | None:
+    try:
+        from diagnosis.analytic import estimate_analytic
+    except ImportError:  # pragma: no cover - the analytic model ships with diagnosis
+        return None
+    return estimate_analytic
+
+
+def suggest(ev: Evidence, estimator: Estimator | None = None) -> list[Suggestion]:
+    """Every applicable fix, best first (see the module docstring for the order)."""
+    estimator = estimator or _default_estimator()
+    device = "cpu" if _on_cpu(ev) else "cuda"
+    base = estimator(ev.config, device=device) if ev.config is not None and estimator is not None else None
+    ctx = _Context(ev, estimator, device, base, _shortfall(ev, base))
+    found = [s for rule in _RULES for s in rule(ctx)]
+    judged = [_judge(s, ctx.shortfall) for s in found]
+    return sorted(judged, key=_rank_key)
+
+
+def shortfall_bytes(ev: Evidence, estimator: Estimator | None = None) -> int | None:
+    """Bytes the failing step lacked (for headlines); None when nothing says."""
+    estimator = estimator or _default_estimator()
+    device = "cpu" if _on_cpu(ev) else "cuda"
+    base = estimator(ev.config, device=device) if ev.config is not None and estimator is not None else None
+    return _shortfall(ev, base)
+
+
+def suggestions_json(items: Sequence[Suggestion]) -> dict[str, Any]:
+    return {"suggestions": [s.to_json() for s in items]}

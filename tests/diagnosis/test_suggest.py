@@ -1,0 +1,143 @@
+"""Rules of the suggestion engine on real OOM messages, with a small stand-in estimator whose
+numbers are easy to check by hand (the real estimators are tested on their own, and together with
+this engine in test_suggest_runs.py)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate
+from diagnosis.oom_text import parse_oom
+from diagnosis.suggest import CATEGORIES, Evidence, suggest
+from diagnosis.units import GIB, MIB
+from trainer.config import RunConfig, validate_config
+
+MESSAGES = {
+    m["id"]: m["text"]
+    for m in yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "fixtures" / "oom_messages" / "messages.yaml").read_text()
+    )["messages"]
+}
+
+
+def toy_estimator(cfg: RunConfig, device: str = "cuda") -> MemoryEstimate:
+    """Bytes that follow the shape of the real thing: states scale with trainable weights, activations
+    with batch × length (× length again under eager attention), checkpointing keeps a tenth."""
+    weights = 4 * GIB if cfg.model.dtype == "fp32" else 2 * GIB
+    trainable = 0.001 * cfg.lora.r / 8 if cfg.lora is not None else 1.0
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    activations = tokens * 256 * 1024
+    if cfg.model.attn_implementation == "eager":
+        activations += cfg.train.micro_batch_size * cfg.data.seq_len**2 * 4096
+    if cfg.model.gradient_checkpointing:
+        activations //= 10
+    states = {"adamw": 2.0, "adamw_8bit": 0.5, "sgd": 0.0}.get(cfg.train.optimizer, 2.0) * weights * trainable
+    breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
+    breakdown.update(
+        parameters=weights, gradients=int(weights * trainable), optimizer_states=int(states), activations=activations
+    )
+    return MemoryEstimate("analytic", breakdown, "forward", totals=dict(breakdown))
+
+
+def categories(items) -> list[str]:
+    return [s.category for s in items]
+
+
+def test_every_suggestion_has_the_contract_fields():
+    cfg = validate_config({"model": {"attn_implementation": "eager"}, "lora": None, "data": {"seq_len": 2048}})
+    items = suggest(Evidence(config=cfg, capacity_bytes=8 * GIB), toy_estimator)
+    assert items and set(categories(items)) <= set(CATEGORIES)
+    for s in items:
+        data = s.to_json()
+        assert {"category", "change", "saves_bytes", "confidence", "why"} <= set(data)
+        assert data["confidence"] in ("high", "medium", "low") and data["why"].strip()
+        assert data["saves_bytes"] is not None or data["saves_reason"]
+
+
+@pytest.mark.parametrize("message_id", ["cuda21_zero_free_no_nvml", "backward_call_chain"])
+def test_a_request_the_cache_could_have_served_puts_expandable_segments_first(message_id):
+    message = parse_oom(MESSAGES[message_id])
+    cfg = validate_config({"data": {"vary_length": True, "min_seq_len": 64}})
+    items = suggest(Evidence(config=cfg, message=message), toy_estimator)
+    first = items[0]
+    assert first.category == "alloc_conf" and first.confidence == "high"
+    assert first.change.startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    assert first.patch == {"memory.alloc_conf": "expandable_segments:True"}
+    assert first.saves_bytes == message.reserved_unallocated_bytes > message.requested_bytes
+
+
+def test_before_torch_2_1_the_allocator_advice_is_max_split_size_mb():
+    message = parse_oom(MESSAGES["cuda_reserved_no_hint"])  # 152 MiB request, 5.8 GiB cached but split
+    first = suggest(Evidence(message=message))[0]
+    assert first.category == "alloc_conf" and "max_split_size_mb:128" in first.change
+    assert "expandable_segments needs torch >= 2.1" in first.why
+
+
+def test_allocator_settings_are_said_not_to_help_when_nothing_was_cached():
+    message = parse_oom(MESSAGES["rich_logging_columns"])  # 3.9 GiB request, 6.7 MiB cached
+    items = suggest(Evidence(message=message))
+    alloc = next(s for s in items if s.category == "alloc_conf")
+    assert not alloc.helps and "cannot make this fit" in alloc.why
+    assert items[-1] is alloc  # cannot-help fixes come last
+    other = next(s for s in items if s.category == "other_process")
+    assert "process 248104 holds 37.5 GiB" in other.why
+
+
+def test_lowering_lora_rank_is_called_out_as_not_the_problem():
+    cfg = validate_config({"lora": {"r": 64}, "data": {"seq_len": 4096}, "model": {"attn_implementation": "eager"}})
+    items = suggest(Evidence(config=cfg, capacity_bytes=16 * GIB), toy_estimator)
+    lora = next(s for s in items if s.category == "lora")
+    assert not lora.helps and "not your problem" in lora.why and "from 64 to 8" in lora.why
+    assert lora.saves_bytes < 128 * MIB
+    assert items[0].category == "efficient_attention" and items[0].sufficient
+
+
+def test_what_if_savings_are_the_estimators_differences():
+    cfg = validate_config({"data": {"seq_len": 1024}, "train": {"micro_batch_size": 4}})
+    items = {s.category: s for s in suggest(Evidence(config=cfg, capacity_bytes=2 * GIB), toy_estimator)}
+    base = toy_estimator(cfg).device_bytes
+    checkpointed = toy_estimator(validate_config({**cfg.to_dict(), "model": {"gradient_checkpointing": True}}))
+    assert items["gradient_checkpointing"].saves_bytes == base - checkpointed.device_bytes
+    halved = items["reduce_batch"]
+    assert halved.patch == {"train.micro_batch_size": 2, "train.grad_accum_steps": 2}
+
+
+def test_cheapest_sufficient_fix_beats_a_bigger_costlier_one():
+    # Eager at 2k tokens: sdpa removes the L² scores, checkpointing saves more but costs recompute.
+    cfg = validate_config({"model": {"attn_implementation": "eager"}, "data": {"seq_len": 2048}})
+    items = suggest(Evidence(config=cfg, capacity_bytes=int(toy_estimator(cfg).device_bytes * 0.8)), toy_estimator)
+    ranked = categories(items)
+    assert ranked.index("efficient_attention") < ranked.index("gradient_checkpointing")
+    assert ranked[0] == "efficient_attention"
+
+
+def test_host_memory_for_the_cpu_allocator_and_no_allocator_setting():
+    message = parse_oom(MESSAGES["cpu_posix"])
+    items = suggest(Evidence(message=message))
+    assert "host_memory" in categories(items) and "alloc_conf" not in categories(items)
+
+
+def test_a_checkpoint_save_failure_points_at_the_save_path():
+    message = parse_oom(MESSAGES["python_memory_error_torch_save"])
+    assert message.location == "checkpoint_save"
+    assert "checkpoint_save" in categories(suggest(Evidence(message=message)))
+    # The same numbers without a traceback say nothing about saving.
+    bare = parse_oom(MESSAGES["checkpoint_save_no_traceback"])
+    assert "checkpoint_save" not in categories(suggest(Evidence(message=bare)))
+
+
+def test_a_leak_comes_first_and_says_no_config_fixes_it():
+    postmortem = {
+        "device": "cpu",
+        "requested_bytes": 64 * MIB,
+        "finding_details": {"trend": {"growth_bytes": 800 * MIB, "bytes_per_step": 16 * MIB, "since_step": 3}},
+    }
+    cfg = validate_config({"debug": {"leak_mb_per_step": 16}, "memory": {"limit_gb": 1}})
+    items = suggest(Evidence(config=cfg, postmortem=postmortem), toy_estimator)
+    assert items[0].category == "leak" and items[0].patch == {"debug.leak_mb_per_step": 0}
+    assert "16.0 MiB per step" in items[0].why and "No config change fixes a leak" in items[0].why
+
+
+def test_nothing_known_gives_no_suggestion_rather_than_generic_advice():
+    assert suggest(Evidence()) == []
