@@ -14,12 +14,14 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Column,
     Double,
     ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     column,
@@ -179,3 +181,75 @@ class LayerProfileRow(Base):
     forward_alloc_delta_bytes: Mapped[int | None] = mapped_column(BigInteger)
     forward_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     backward_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+# Per-bucket minimum and maximum of every numeric step / device column, kept by the SQLite triggers of
+# migration 0003 as samples are inserted. A dashboard chart of a million-step run groups these few
+# thousand rows instead of the million samples: SQLite sorts every input row for a GROUP BY and spends
+# ~70 ns per aggregate per row, several seconds for a long run (bench/dashboard_run_page.py).
+# A migration that rebuilds step_samples or device_samples (a batch ALTER) drops their triggers with
+# them and must create them again.
+STEP_ROLLUP_STEPS = 64  # steps per step_rollups row (bucket = step // 64); the trigger uses the same number
+DEVICE_ROLLUP_SECONDS = 60  # seconds per device_rollups row (bucket = taken_at // 60)
+STEP_ROLLUP_COLUMNS = (
+    ("wall_time", Double),
+    ("loss", Double),
+    ("tokens", Integer),
+    ("seq_len", Integer),
+    ("step_seconds", Double),
+    ("tokens_per_s", Double),
+    ("allocated_bytes", BigInteger),
+    ("reserved_bytes", BigInteger),
+    ("active_bytes", BigInteger),
+    ("inactive_split_bytes", BigInteger),
+    ("peak_allocated_bytes", BigInteger),
+    ("peak_reserved_bytes", BigInteger),
+    ("num_alloc_retries", Integer),
+    ("num_ooms", Integer),
+    ("parameter_bytes", BigInteger),
+    ("trainable_parameter_bytes", BigInteger),
+    ("gradient_bytes", BigInteger),
+    ("optimizer_state_bytes", BigInteger),
+    ("activation_bytes", BigInteger),
+    ("rss_bytes", BigInteger),
+    ("peak_rss_bytes", BigInteger),
+    ("cpu_percent", Double),
+    # reserved_bytes - allocated_bytes of one step: cached by the allocator, held by no tensor.
+    ("reserved_unallocated_bytes", BigInteger),
+)
+DEVICE_ROLLUP_COLUMNS = (
+    ("memory_used_bytes", BigInteger),
+    ("memory_total_bytes", BigInteger),
+    ("gpu_util_percent", Double),
+    ("memory_util_percent", Double),
+    ("temperature_c", Double),
+    ("power_w", Double),
+    ("process_used_bytes", BigInteger),
+)
+
+
+def _extremes(columns: tuple[tuple[str, Any], ...]) -> list[Column]:
+    return [Column(f"{end}_{name}", type_) for name, type_ in columns for end in ("min", "max")]
+
+
+step_rollups = Table(
+    "step_rollups",
+    Base.metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("bucket", Integer, primary_key=True, autoincrement=False),
+    Column("first_step", Integer, nullable=False),
+    Column("last_step", Integer, nullable=False),
+    Column("steps", Integer, nullable=False),
+    *_extremes(STEP_ROLLUP_COLUMNS),
+)
+device_rollups = Table(
+    "device_rollups",
+    Base.metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("gpu_index", Integer, primary_key=True, autoincrement=False),
+    Column("bucket", Integer, primary_key=True, autoincrement=False),
+    Column("first_taken_at", Double, nullable=False),
+    Column("last_taken_at", Double, nullable=False),
+    Column("samples", Integer, nullable=False),
+    *_extremes(DEVICE_ROLLUP_COLUMNS),
+)

@@ -1,4 +1,4 @@
-"""Every INSERT and UPDATE oomlens makes; each call is one transaction with bound parameters."""
+"""Every INSERT, UPDATE and DELETE oomlens makes; each call is one transaction with bound parameters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, delete, insert, update
 
 from collector.readings import (
     DeviceReading,
@@ -16,7 +16,16 @@ from collector.readings import (
     StepSample,
 )
 from db.engine import write_transaction
-from db.schema import RUN_STATUSES, DeviceSampleRow, LayerProfileRow, PostmortemRow, RunRow, StepSampleRow
+from db.schema import (
+    RUN_STATUSES,
+    DeviceSampleRow,
+    LayerProfileRow,
+    PostmortemRow,
+    RunRow,
+    StepSampleRow,
+    device_rollups,
+    step_rollups,
+)
 
 _RUN_FIELDS = frozenset(RunRow.__table__.columns.keys()) - {"id"}
 # Column names are the readings' field names; a field added to a reading without a migration
@@ -153,3 +162,24 @@ def _step_row(run_id: int, sample: StepSample) -> dict[str, Any]:
 def _check_status(status: object) -> None:
     if status not in RUN_STATUSES:
         raise ValueError(f"status must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
+
+
+def delete_run(engine: Engine, run_id: int) -> bool:
+    """Remove a run with everything recorded for it, in one transaction; True if it existed.
+
+    Children are deleted explicitly rather than left to ON DELETE CASCADE, which SQLite applies only
+    on connections that enabled foreign keys. Runs re-run from this one keep their rows and lose the
+    link (parent_run_id NULL). Files outside the database (allocator snapshots) are the caller's.
+    """
+    with write_transaction(engine) as conn:
+        for table in (
+            StepSampleRow.__table__,
+            DeviceSampleRow.__table__,
+            LayerProfileRow.__table__,
+            PostmortemRow.__table__,
+            step_rollups,
+            device_rollups,
+        ):
+            conn.execute(delete(table).where(table.c.run_id == run_id))
+        conn.execute(update(RunRow).where(RunRow.parent_run_id == run_id).values(parent_run_id=None))
+        return conn.execute(delete(RunRow).where(RunRow.id == run_id)).rowcount > 0

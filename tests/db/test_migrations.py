@@ -28,6 +28,8 @@ def test_fresh_file_gets_every_table_at_head(engine):
         "device_samples",
         "postmortems",
         "layer_profiles",
+        "step_rollups",
+        "device_rollups",
     }
     with engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == _head()

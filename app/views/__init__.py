@@ -1,0 +1,1 @@
+"""View models: what a page shows, computed from records without Streamlit, so it can be tested plainly."""

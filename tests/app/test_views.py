@@ -1,0 +1,53 @@
+"""The dashboard's view models, without Streamlit."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.actions import _is_worker_of
+from app.charts import byte_unit, markers_frame
+from app.views.facts import human_duration
+from db.queries import StepEvent, StepRecord
+from diagnosis.units import GIB, MIB
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "n/a"),
+        (0, "0 s"),
+        (44.6, "45 s"),
+        (725, "12 min 05 s"),
+        (3 * 3600 + 125, "3 h 02 min"),
+        (2 * 86_400 + 4 * 3600 + 59, "2 d 4 h"),
+    ],
+)
+def test_human_duration(seconds, text):
+    assert human_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("largest", "unit"), [(None, "MiB"), (5 * MIB, "MiB"), (GIB - 1, "MiB"), (GIB, "GiB"), (80 * GIB, "GiB")]
+)
+def test_byte_axes_are_in_mib_or_gib(largest, unit):
+    assert byte_unit(largest).name == unit
+
+
+def test_markers_name_the_event_and_its_step():
+    record = StepRecord(**{name: None for name in StepRecord.__dataclass_fields__} | {"step": 12})
+    frame = markers_frame([StepEvent("alloc_retry", 3, record)], None)
+    assert frame.to_dict("records") == [{"step": 12, "kind": "alloc_retry", "what": "3 allocator retries at step 12"}]
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "is_worker"),
+    [
+        (["python", "-m", "trainer", "_worker", "--run-id", "7", "--db", "sqlite://"], True),
+        (["python", "-m", "trainer", "_worker", "--run-id", "70", "--db", "sqlite://"], False),
+        (["python", "-m", "trainer", "run", "--run-id", "7"], False),
+        (["python", "-m", "trainer", "_worker", "--run-id"], False),
+        (["sleep", "100"], False),
+    ],
+)
+def test_only_the_runs_own_worker_is_signalled(cmdline, is_worker):
+    assert _is_worker_of(cmdline, 7) is is_worker
