@@ -124,8 +124,14 @@ def _postmortem(args: argparse.Namespace) -> int:
     if record is None:
         print(f"no post-mortem for run {args.run} (only runs that ran out of memory have one)", file=sys.stderr)
         return exit_codes.FAILED
+    from db.queries import get_run
+    from diagnosis.suggest import evidence_for_run, suggest
+
+    run = get_run(engine, record.run_id)
+    data = dataclasses.asdict(record)
+    fixes = suggest(evidence_for_run(data, run.config if run else None, run.environment if run else None))
     if args.json:
-        print(json.dumps(dataclasses.asdict(record), indent=2, default=list))
+        print(json.dumps({**data, "suggestions": [fix.to_json() for fix in fixes]}, indent=2, default=list))
     else:
-        print(postmortem_report(record))
+        print(postmortem_report(record, fixes))
     return exit_codes.COMPLETED

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from db.queries import PostmortemRecord, RunRecord, StepRecord
+from diagnosis.suggest import Suggestion
 from diagnosis.units import human_bytes
 
 
@@ -39,7 +42,7 @@ def run_report(run: RunRecord, steps: list[StepRecord]) -> str:
     return "\n".join(lines)
 
 
-def postmortem_report(pm: PostmortemRecord) -> str:
+def postmortem_report(pm: PostmortemRecord, fixes: Sequence[Suggestion] = ()) -> str:
     shape = pm.batch_shape or {}
     lines = [
         f"run {pm.run_id} ran out of memory at step {pm.step}, micro-batch {pm.micro_batch}, "
@@ -66,4 +69,11 @@ def postmortem_report(pm: PostmortemRecord) -> str:
             mark = "  <- failed here" if layer["module"] == pm.module else ""
             lines.append(f"    {human_bytes(layer['activation_bytes']):>12}  {layer['module']}{mark}")
     lines.append(f"  snapshot: {pm.snapshot_path or pm.snapshot_note}")
+    if fixes:
+        lines.append("  fixes, best first:")
+        for rank, fix in enumerate(fixes, 1):
+            saves = human_bytes(fix.saves_bytes) if fix.saves_bytes is not None else "?"
+            verdict = "" if fix.helps else " (cannot help)"
+            lines.append(f"    {rank}. {fix.change}  saves {saves}{verdict}")
+            lines.append(f"       {fix.why}")
     return "\n".join(lines)

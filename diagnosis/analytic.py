@@ -1,0 +1,1033 @@
+"""The analytic memory model: a training step's bytes from the config's numbers, in milliseconds.
+
+It models the step the runner takes (`trainer/loop.py`): forward with labels, loss, backward,
+`optimizer.step()`, `zero_grad(set_to_none=True)`, with PyTorch, transformers 5.x and peft doing
+what they do. Activations are not a fitted constant per token: a decoder layer is walked op by op
+(norm, projections, rotary, attention kernel, MLP, LoRA branches, dropout) with autograd's rule for
+what each op keeps for backward, which tensors require grad (a frozen base keeps nothing for its
+weight gradient), dtype casts (autocast copies, fp32 norms, peft's fp32 adapters) and shared
+storages (q/k/v views of one fused projection are one storage). `ActivationCounter` in the runner
+counts the same storages with saved-tensor hooks, so the two agree to the byte on the CPU
+(tests/diagnosis/test_analytic.py).
+
+The peak is the largest of a few moments of a steady-state step (optimizer states exist):
+- forward: every saved activation plus the logits, their fp32 upcast and the log-softmax;
+- backward: the loss's gradient over the vocabulary on top of all activations, then the layers'
+  gradient temporaries as gradients of trainable parameters build up;
+- optimizer: parameters + gradients + states + the update's temporaries.
+
+What it does not model is said in `notes`: allocator fragmentation, NCCL and DeepSpeed buffers,
+kernels' private workspaces.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from diagnosis.architecture import LinearShape, ModelShape, shape_for
+from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
+from diagnosis.sharding import shard_components, zero3_gathered_bytes
+from trainer.config import RunConfig
+
+BYTES_PER_MIB = 1024**2
+ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8, "bool": 1, "uint8": 1}
+
+# --- sources the terms cite ------------------------------------------------------------------------
+SRC_MEASURED = "saved_tensors_hooks on transformers 5.23 + torch 2.13 (tests/diagnosis/test_analytic.py)"
+SRC_ZERO = "Rajbhandari et al., ZeRO (SC'20) §3.1: mixed-precision Adam keeps 2Ψ + 2Ψ + 12Ψ bytes"
+SRC_KORTHIKANTI = "Korthikanti et al., Reducing Activation Recomputation in Large Transformer Models (2022) §4"
+SRC_LORA = "Hu et al., LoRA (2021); peft LoraLayer: lora_A = Linear(d_in, r), lora_B = Linear(r, d_out)"
+SRC_PEFT_DTYPE = "peft get_peft_model(autocast_adapter_dtype=True): 16-bit adapters are kept in fp32"
+SRC_AUTOCAST = "torch.amp autocast: fp32 inputs of lower-precision ops are cast; casts of leaf weights cached"
+SRC_HF_LOSS = "transformers loss_utils.ForCausalLMLoss: logits.float(), cross_entropy = log_softmax + nll_loss"
+SRC_ADAMW = "torch.optim.AdamW: exp_avg, exp_avg_sq = zeros_like(param); step on CPU unless capturable/fused"
+SRC_FOREACH = "torch.optim docs: foreach (CUDA default) trades peak memory for speed; _multi_tensor_adam sqrt list"
+SRC_BNB_8BIT = "Dettmers et al., 8-bit Optimizers via Block-wise Quantization (ICLR'22); bitsandbytes Optimizer2State"
+SRC_ADAFACTOR = "Shazeer & Stern, Adafactor (ICML'18); transformers.optimization.Adafactor (factored second moment)"
+SRC_QLORA = "Dettmers et al., QLoRA (2023) §3: NF4 with blocksize 64, double quantization"
+SRC_INT8 = "Dettmers et al., LLM.int8() (2022); bitsandbytes Int8Params: int8 weight + fp32 row scale"
+SRC_BNB_MATMUL = "bitsandbytes autograd: MatMul4Bit keeps only the packed weight; MatMul8bitLt keeps its input A"
+SRC_FLASH = "Dao et al., FlashAttention (2022): keeps output + logsumexp, recomputes scores in backward"
+SRC_CHECKPOINT = "torch.utils.checkpoint (non-reentrant): keeps each layer's input, recomputes it in backward"
+SRC_DROPOUT = "ATen dropout: CUDA native_dropout keeps a bool mask, the CPU path a mask in the input dtype"
+SRC_CONTEXT = "REFERENCE.md §2: CUDA context ~300 MB with lazy module loading (CUDA >= 11.7)"
+
+CUDA_CONTEXT_BYTES = 300 * BYTES_PER_MIB
+# bitsandbytes NF4: 4-bit codes, one absmax per 64 weights, stored as 8-bit under double
+# quantization with one fp32 second-level constant per 256 blocks (QLoRA §3).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# bitsandbytes 8-bit optimizers: two uint8 states, one fp32 absmax per 256-element block each;
+# tensors under 4096 elements keep 32-bit states (min_8bit_size); 2 × 256 fp32 quantile maps each.
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+BNB_QMAP_BYTES = 2 * 256 * 4
+
+
+# --- the run, as the estimator needs it ----------------------------------------------------------
+@dataclass(frozen=True)
+class _Run:
+    """The facts of a config the byte counts depend on, resolved once."""
+
+    shape: ModelShape
+    device: str  # "cpu" or "cuda"
+    batch: int
+    seq: int
+    param_dtype: str
+    autocast: str | None  # the autocast dtype, None without mixed precision
+    attention: str  # "eager", "sdpa" (output + logsumexp), "sdpa_math" or "flash"
+    checkpointing: bool
+    full_ft: bool
+    lora_targets: frozenset[str]
+    lora_r: int
+    lora_dropout: float
+    lora_dtype: str
+    quantization: str
+    optimizer: str
+    weight_decay: float
+    accum: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.autocast or self.param_dtype
+
+
+def _attention_kernel(cfg: RunConfig, shape: ModelShape, device: str) -> str:
+    impl = cfg.model.attn_implementation
+    if impl == "flash_attention_2":
+        return "flash"
+    if impl == "sdpa" and shape.attn_logit_softcap:
+        return "eager"  # transformers refuses sdpa for soft-capped attention (Gemma 2)
+    if impl == "sdpa":
+        # SDPA with dropout has no fused CPU kernel: the math path materialises the scores.
+        return "sdpa_math" if device == "cpu" and shape.attention_dropout > 0 else "sdpa"
+    return "eager"
+
+
+def _resolve(cfg: RunConfig, shape: ModelShape, device: str) -> _Run:
+    lora = cfg.lora
+    param_dtype = cfg.model.dtype
+    # peft keeps adapters of a 16-bit (or quantised) base in fp32 (autocast_adapter_dtype=True).
+    lora_dtype = "fp32" if param_dtype != "fp32" or cfg.model.quantization != "none" else param_dtype
+    return _Run(
+        shape=shape,
+        device="cuda" if device.startswith("cuda") else "cpu",
+        batch=cfg.train.micro_batch_size,
+        seq=cfg.data.seq_len,
+        param_dtype=param_dtype,
+        autocast=None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision,
+        attention=_attention_kernel(cfg, shape, device),
+        checkpointing=cfg.model.gradient_checkpointing,
+        full_ft=lora is None,
+        lora_targets=frozenset(lora.target_modules) if lora else frozenset(),
+        lora_r=lora.r if lora else 0,
+        lora_dropout=lora.dropout if lora else 0.0,
+        lora_dtype=lora_dtype,
+        quantization=cfg.model.quantization,
+        optimizer=cfg.train.optimizer,
+        weight_decay=cfg.train.weight_decay,
+        accum=cfg.train.grad_accum_steps,
+    )
+
+
+# --- the symbolic forward ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _T:
+    """A tensor of the symbolic forward: its size, dtype, whether it requires grad, and which
+    storage it lives in (views share one; key 0 is a parameter, never counted as saved)."""
+
+    numel: int
+    dtype: str
+    grad: bool
+    key: int
+    storage: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+def _promote(a: str, b: str) -> str:
+    return a if a == b else "fp32"
+
+
+class _Trace:
+    """Walks the forward op by op, recording the storages autograd keeps for backward.
+
+    Each op follows its backward formula: a product keeps a factor when the other side needs a
+    gradient; a linear keeps its input only for its weight's gradient and its weight only for the
+    input's gradient. Saved bytes are attributed to the current tag (attention, mlp, lora...).
+    """
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.saved: dict[int, int] = {}
+        self.by_tag: dict[str, int] = {}
+        self.total = 0
+        # Kept for backward but out of saved-tensor hooks' sight (closures, ctx attributes).
+        self.hidden = 0
+        self.tag = "other"
+        self._keys = itertools.count(1)
+        self.rope: tuple[_T, _T] | None = None
+
+    def fork(self) -> _Trace:
+        """A trace for one layer: fresh saved set, same storage numbering and rotary pair."""
+        sub = _Trace(self.run)
+        sub._keys, sub.rope, sub.tag = self._keys, self.rope, self.tag
+        return sub
+
+    @contextmanager
+    def tagged(self, tag: str) -> Iterator[None]:
+        previous, self.tag = self.tag, tag
+        try:
+            yield
+        finally:
+            self.tag = previous
+
+    def new(self, numel: int, dtype: str, grad: bool) -> _T:
+        return _T(numel, dtype, grad, next(self._keys), numel * ITEMSIZE[dtype])
+
+    @staticmethod
+    def view(t: _T, numel: int) -> _T:
+        return _T(numel, t.dtype, t.grad, t.key, t.storage)
+
+    def save(self, *tensors: _T, tag: str | None = None, hooks_see: bool = True) -> None:
+        for t in tensors:
+            if t.key and t.key not in self.saved:
+                self.saved[t.key] = t.storage
+                self.total += t.storage
+                self.hidden += 0 if hooks_see else t.storage
+                name = tag or self.tag
+                self.by_tag[name] = self.by_tag.get(name, 0) + t.storage
+
+    def cast(self, t: _T, dtype: str) -> _T:
+        return t if t.dtype == dtype else self.new(t.numel, dtype, t.grad)
+
+    def autocast(self, t: _T) -> _T:
+        """What a lower-precision op under autocast works on: a 16-bit copy of an fp32 input."""
+        dtype = self.run.autocast
+        return self.cast(t, dtype) if dtype and t.dtype == "fp32" else t
+
+    def weight(self, numel: int, dtype: str, trainable: bool) -> _T:
+        """A weight as a matmul sees it: the parameter, or autocast's 16-bit copy of it."""
+        if self.run.autocast and dtype == "fp32":
+            return self.new(numel, self.run.autocast, trainable)
+        return _T(numel, dtype, trainable, 0, 0)
+
+    # --- ops ---------------------------------------------------------------------------------
+    def linear(self, x: _T, d_in: int, d_out: int, *, trainable: bool, dtype: str, quantized: bool = False) -> _T:
+        rows = x.numel // d_in
+        if quantized:
+            return self._quantized_linear(x, rows, d_out)
+        xin = self.autocast(x)
+        w = self.weight(d_in * d_out, dtype, trainable)
+        if trainable:
+            self.save(xin)
+        if x.grad:
+            self.save(w, tag="autocast weight copies")
+        out_dtype = xin.dtype if self.run.autocast else _promote(xin.dtype, dtype)
+        return self.new(rows * d_out, out_dtype, x.grad or trainable)
+
+    def _quantized_linear(self, x: _T, rows: int, d_out: int) -> _T:
+        # bitsandbytes computes in bf16 (our loader's compute dtype) and casts back to the input's
+        # dtype. MatMul4Bit keeps only the packed weight; MatMul8bitLt keeps its input in
+        # ctx.tensors, which saved-tensor hooks never see but memory does.
+        if self.run.quantization == "int8" and x.grad:
+            self.save(x, hooks_see=False)
+        out = self.new(rows * d_out, "bf16", x.grad)
+        return self.cast(out, x.dtype)
+
+    def mul(self, a: _T, b: _T) -> _T:
+        if b.grad:
+            self.save(a)
+        if a.grad:
+            self.save(b)
+        return self.new(max(a.numel, b.numel), _promote(a.dtype, b.dtype), a.grad or b.grad)
+
+    def add(self, a: _T, b: _T) -> _T:
+        return self.new(max(a.numel, b.numel), _promote(a.dtype, b.dtype), a.grad or b.grad)
+
+    def dropout(self, x: _T, p: float) -> _T:
+        if p <= 0:
+            return x  # F.dropout with p=0 returns its input
+        if x.grad:
+            mask_dtype = "bool" if self.run.device == "cuda" else x.dtype
+            self.save(self.new(x.numel, mask_dtype, False))
+        return self.new(x.numel, x.dtype, x.grad)
+
+    def activation(self, x: _T) -> _T:
+        if x.grad:
+            self.save(x)
+            if self.run.shape.activation == "gelu_new":
+                # NewGELUActivation is Python: 0.5·x·(1 + tanh(c·(x + 0.044715·x³))) keeps x, tanh, 0.5·x, 1 + tanh.
+                self.save(*(self.new(x.numel, x.dtype, True) for _ in range(3)))
+        return self.new(x.numel, x.dtype, x.grad)
+
+    def norm(self, x: _T, trainable: bool) -> _T:
+        kind, h = self.run.shape.norm, self.run.shape.hidden_size
+        if not (x.grad or trainable):
+            return self.new(x.numel, x.dtype, False)  # nothing to differentiate: nothing kept
+        rows = x.numel // h
+        if kind == "layernorm":
+            # native_layer_norm keeps input, mean and rstd (per row; fp32 on CUDA, the input's dtype on CPU).
+            stats = "fp32" if self.run.device == "cuda" else x.dtype
+            self.save(x, self.new(rows, stats, False), self.new(rows, stats, False))
+            return self.new(x.numel, x.dtype, True)
+        xf = self.cast(x, "fp32")  # both RMSNorms compute in fp32
+        if x.grad:
+            self.save(xf, self.new(rows, "fp32", True))  # x and rsqrt(mean(x²) + eps)
+        normed = self.new(x.numel, "fp32", x.grad)
+        if kind == "rmsnorm_gemma":
+            scale = self.new(h, "fp32", trainable)  # 1 + weight.float()
+            out = self.mul(normed, scale)
+            return self.cast(out, x.dtype)
+        # Llama: weight * normed.to(input_dtype)
+        normed = self.cast(normed, x.dtype)
+        if trainable:
+            self.save(normed)
+        return self.new(x.numel, _promote(self.run.param_dtype, x.dtype), True)
+
+    def rotary(self, x: _T) -> _T:
+        """q·cos + rotate_half(q)·sin keeps cos and sin (one pair for all layers)."""
+        assert self.rope is not None
+        cos, sin = self.rope
+        if x.grad:
+            self.save(cos, sin, tag="rotary cos/sin")
+        return self.new(x.numel, _promote(x.dtype, cos.dtype), x.grad)
+
+
+# --- the model, module by module ------------------------------------------------------------------
+def _project(tr: _Trace, x: _T, linear: LinearShape) -> _T:
+    """A projection as the run builds it: trainable, frozen (maybe quantised) or frozen + LoRA."""
+    run = tr.run
+    if run.full_ft:
+        return tr.linear(x, linear.d_in, linear.d_out, trainable=True, dtype=run.param_dtype)
+    quantized = run.quantization != "none"
+    base = tr.linear(x, linear.d_in, linear.d_out, trainable=False, dtype=run.param_dtype, quantized=quantized)
+    if linear.name not in run.lora_targets:
+        return base
+    with tr.tagged("lora"):
+        # peft: x.to(lora_A.weight.dtype), then lora_B(lora_A(dropout(x))) * scaling, added to base.
+        xl = tr.cast(x, run.lora_dtype)
+        dropped = tr.dropout(xl, run.lora_dropout)
+        a = tr.linear(dropped, linear.d_in, run.lora_r, trainable=True, dtype=run.lora_dtype)
+        b = tr.linear(a, run.lora_r, linear.d_out, trainable=True, dtype=run.lora_dtype)
+    out = tr.add(base, b)
+    return tr.cast(out, base.dtype)
+
+
+def _linears(shape: ModelShape) -> dict[str, LinearShape]:
+    """A layer's projections by role (gpt2 names two of them c_proj)."""
+    layers = shape.linear_layers()
+    attention = [linear for linear in layers if linear.block == "attention"]
+    mlp = [linear for linear in layers if linear.block == "mlp"]
+    roles = {"o": attention[-1], "down": mlp[-1]}
+    if shape.fused_qkv:
+        roles["qkv"] = attention[0]
+    else:
+        roles.update(q=attention[0], k=attention[1], v=attention[2])
+    if shape.fused_gate_up:
+        roles["gate_up"] = mlp[0]
+    elif shape.gated_mlp:
+        roles.update(gate=mlp[0], up=mlp[1])
+    else:
+        roles["up"] = mlp[0]
+    return roles
+
+
+def _qkv(tr: _Trace, x: _T, roles: dict[str, LinearShape]) -> tuple[_T, _T, _T]:
+    s = tr.run.shape
+    q_numel = x.numel // s.hidden_size * s.num_heads * s.head_dim
+    kv_numel = q_numel // s.num_heads * s.num_kv_heads
+    if s.fused_qkv:
+        qkv = _project(tr, x, roles["qkv"])  # q, k and v are views of one storage
+        return tr.view(qkv, q_numel), tr.view(qkv, kv_numel), tr.view(qkv, kv_numel)
+    return _project(tr, x, roles["q"]), _project(tr, x, roles["k"]), _project(tr, x, roles["v"])
+
+
+def _fused_attention(tr: _Trace, q: _T, k: _T, v: _T) -> _T:
+    """SDPA's flash/efficient kernels and flash-attn keep q, k, v, output and the logsumexp;
+    K/V are not repeated for GQA (enable_gqa / native GQA)."""
+    run, s = tr.run, tr.run.shape
+    grad = q.grad or k.grad or v.grad
+    target = run.autocast or ("bf16" if run.attention == "flash" and q.dtype == "fp32" else None)
+    if target:
+        q, k, v = (tr.cast(t, target) if t.dtype == "fp32" else t for t in (q, k, v))
+    out = tr.new(q.numel, q.dtype, grad)
+    if grad:
+        lse = tr.new(run.batch * s.num_heads * run.seq, "fp32", False)
+        tr.save(q, k, v, out, lse)
+    return out
+
+
+def _scores_attention(tr: _Trace, q: _T, k: _T, v: _T) -> _T:
+    """Eager attention (and SDPA's math fallback): the b·a·s² scores and probabilities are kept."""
+    run, s = tr.run, tr.run.shape
+    rep = s.num_heads // s.num_kv_heads
+    if rep > 1:  # repeat_kv materialises K and V for every head
+        k = tr.new(k.numel * rep, k.dtype, k.grad)
+        v = tr.new(v.numel * rep, v.dtype, v.grad)
+    if run.batch > 1:
+        # The batched matmul reshapes (b, a, s, d) to (b·a, s, d): a strided view of a fused qkv
+        # storage is copied, and the copy is what autograd keeps.
+        q, k, v = (tr.new(t.numel, t.dtype, t.grad) if t.storage > t.nbytes else t for t in (q, k, v))
+    qa, ka = tr.autocast(q), tr.autocast(k)
+    if run.attention == "sdpa_math":
+        # The CPU math kernel computes in fp32 whatever the inputs, on q and k pre-scaled copies.
+        qa, ka, v = tr.new(q.numel, "fp32", q.grad), tr.new(k.numel, "fp32", k.grad), tr.cast(v, "fp32")
+    square = run.batch * s.num_heads * run.seq * run.seq
+    scores = tr.mul(qa, ka)  # matmul keeps each side for the other's gradient
+    with tr.tagged("attention scores"):
+        scores = tr.new(square, qa.dtype, scores.grad)
+        if s.attn_logit_softcap and run.attention == "eager":  # Gemma 2: tanh(scores / cap) · cap
+            soft = tr.new(square, scores.dtype, scores.grad)
+            if soft.grad:
+                tr.save(soft)
+        probs = tr.new(square, "fp32" if _fp32_softmax(run) else scores.dtype, scores.grad)
+        if probs.grad:
+            tr.save(probs)  # softmax keeps its output
+        probs = tr.dropout(tr.cast(probs, qa.dtype), s.attention_dropout)  # .to(query.dtype)
+        if run.attention == "eager":
+            probs, v = tr.autocast(probs), tr.autocast(v)
+        if v.grad:
+            tr.save(probs)  # kept by probs @ v for v's gradient
+    out = tr.mul(probs, v)
+    return tr.new(q.numel, q.dtype if run.attention == "sdpa_math" else out.dtype, out.grad)
+
+
+def _fp32_softmax(run: _Run) -> bool:
+    """transformers' eager attention runs softmax(dtype=float32) except in GPT-2."""
+    return run.attention == "eager" and run.shape.model_type != "gpt2"
+
+
+def _attention(tr: _Trace, x: _T, roles: dict[str, LinearShape]) -> _T:
+    run, s = tr.run, tr.run.shape
+    with tr.tagged("attention"):
+        q, k, v = _qkv(tr, x, roles)
+        if s.rotary_dim:
+            q, k = tr.rotary(q), tr.rotary(k)
+        if run.attention in ("sdpa", "flash"):
+            out = _fused_attention(tr, q, k, v)
+            if run.device == "cpu" and s.rotary_by_concat and run.attention == "sdpa":
+                # The CPU kernel lays its output out like q: head-major q needs a copy for o_proj.
+                # CUDA kernels always write (b, s, a, d), which needs none.
+                out = tr.new(out.numel, out.dtype, out.grad)
+        else:
+            out = _scores_attention(tr, q, k, v)
+            out = tr.new(out.numel, out.dtype, out.grad)  # transpose(1, 2).contiguous()
+        return _project(tr, out, roles["o"])
+
+
+def _mlp(tr: _Trace, x: _T, roles: dict[str, LinearShape]) -> _T:
+    s = tr.run.shape
+    with tr.tagged("mlp"):
+        if s.fused_gate_up:
+            both = _project(tr, x, roles["gate_up"])
+            half = both.numel // 2
+            hidden = tr.mul(tr.view(both, half), tr.activation(tr.view(both, half)))
+        elif s.gated_mlp:
+            gate = tr.activation(_project(tr, x, roles["gate"]))
+            hidden = tr.mul(gate, _project(tr, x, roles["up"]))
+        else:
+            hidden = tr.activation(_project(tr, x, roles["up"]))
+        return _project(tr, hidden, roles["down"])
+
+
+def _layer(tr: _Trace, x: _T) -> _T:
+    """One decoder layer, pre-norm residual (Phi-2: attention and MLP in parallel)."""
+    s, trainable = tr.run.shape, tr.run.full_ft
+    roles = _linears(s)
+    drop = s.residual_dropout
+    with tr.tagged("norms"):
+        h = tr.norm(x, trainable)
+    if s.parallel_block:
+        attn = tr.dropout(_attention(tr, h, roles), drop)
+        mlp = tr.dropout(_mlp(tr, h, roles), drop)
+        return tr.add(tr.add(attn, mlp), x)
+    attn = _attention(tr, h, roles)
+    with tr.tagged("norms"):
+        if s.norms_per_layer == 4:  # Gemma 2 post-attention norm
+            attn = tr.norm(attn, trainable)
+        x = tr.add(x, tr.dropout(attn, drop))
+        h = tr.norm(x, trainable)
+    mlp = _mlp(tr, h, roles)
+    with tr.tagged("norms"):
+        if s.norms_per_layer == 4:  # Gemma 2 post-feedforward norm
+            mlp = tr.norm(mlp, trainable)
+        return tr.add(x, tr.dropout(mlp, drop))
+
+
+def _embed(tr: _Trace) -> _T:
+    run, s = tr.run, tr.run.shape
+    trainable = run.full_ft
+    with tr.tagged("embeddings"):
+        if trainable:
+            tr.save(tr.new(run.tokens, "int64", False))  # embedding keeps the token ids
+            if s.learned_positions:
+                tr.save(tr.new(run.seq, "int64", False))  # and the position ids (1, s)
+        x = tr.new(run.tokens * s.hidden_size, run.param_dtype, trainable)
+        x = tr.dropout(x, s.embedding_dropout)
+    if s.rotary_dim:
+        # One (1, s, rotary_dim) cos/sin pair in the hidden states' dtype, shared by all layers.
+        tr.rope = (tr.new(run.seq * s.rotary_dim, x.dtype, False), tr.new(run.seq * s.rotary_dim, x.dtype, False))
+    return x
+
+
+@dataclass(frozen=True)
+class _Activations:
+    """What the forward keeps, in bytes, and the tensors alive only around the loss."""
+
+    embedding: int
+    first_layer: int  # layer 0 differs under LoRA: its input does not require grad
+    per_layer: int  # every later layer
+    head: int  # final norm, lm_head input (and Gemma 2's soft-capped logits)
+    mask: int  # eager attention's (b, 1, s, s) causal mask, kept into backward by checkpointing
+    loss_saved: int  # log-softmax output and the shifted labels
+    hidden: int  # of the saved bytes, those saved-tensor hooks do not see
+    logits: int  # lm_head output, alive until forward returns
+    logits_upcast: int  # logits.float() in ForCausalLMLoss when logits are 16-bit
+    layer_full: int  # one layer's own saved bytes (what checkpointing recomputes)
+    by_tag: dict[str, int]  # one typical layer's bytes on the main trace, by part
+    layer_tags: dict[str, int]  # one typical layer's own saved bytes by part, checkpointed or not
+
+    def total(self, num_layers: int) -> int:
+        """Saved activations, without the loss's: the `activations` component."""
+        return self.embedding + self.mask + self.first_layer + self.per_layer * (num_layers - 1) + self.head
+
+    def hooks_see(self, num_layers: int) -> int:
+        """What the runner's ActivationCounter measures: saved storages, the loss's included."""
+        return self.total(num_layers) + self.loss_saved - self.hidden
+
+
+def _merge(tr: _Trace, sub: _Trace) -> None:
+    for key, size in sub.saved.items():
+        if key not in tr.saved:
+            tr.saved[key] = size
+            tr.total += size
+    tr.hidden += sub.hidden
+
+
+def _walk_layer(tr: _Trace, x: _T) -> tuple[_T, int, _Trace, dict[str, int]]:
+    """One layer on the main trace: (output, bytes it adds, its own trace, bytes it adds by tag)."""
+    sub = tr.fork()
+    y = _layer(sub, x)
+    before = tr.total
+    if tr.run.checkpointing:
+        tr.save(x, tag="checkpointed layer inputs")  # the checkpoint keeps the layer's input only
+        tags = {"checkpointed layer input": tr.total - before}
+    else:
+        _merge(tr, sub)
+        tags = dict(sub.by_tag)
+        if tr.total - before != sub.total:  # storages shared with earlier layers (cos/sin) count once
+            tags.pop("rotary cos/sin", None)
+    return y, tr.total - before, sub, tags
+
+
+def _own_bytes(layer: _Trace, x: _T) -> int:
+    """A layer's saved bytes without its input, which the previous layer or a checkpoint holds."""
+    return layer.total - layer.saved.get(x.key, 0)
+
+
+def _walk(run: _Run) -> _Activations:
+    """The symbolic forward of the whole model: layer 0, one typical layer, the head and loss."""
+    s = run.shape
+    tr = _Trace(run)
+    x = _embed(tr)
+    embedding = tr.total
+    mask = 0
+    if run.attention == "eager" and run.checkpointing:
+        # GPT-2 hands the mask to its checkpointed blocks positionally (a saved input); the others
+        # as a keyword, held by the checkpoint's closure: alive all the same.
+        tr.save(
+            tr.new(run.batch * run.seq * run.seq, x.dtype, False), tag="causal mask", hooks_see=s.model_type == "gpt2"
+        )
+        mask = tr.total - embedding
+    layer_input = x
+    x, first, layer, tags = _walk_layer(tr, x)
+    per_layer = later_hidden = 0
+    if s.num_layers > 1:
+        before, layer_input = tr.hidden, x
+        x, per_layer, layer, tags = _walk_layer(tr, x)
+        later_hidden = (tr.hidden - before) * (s.num_layers - 2)  # layers 2… hide as much as layer 1
+    before = tr.total
+    with tr.tagged("head"):
+        h = tr.norm(x, run.full_ft)
+        logits = tr.linear(h, s.hidden_size, s.vocab_size, trainable=run.full_ft, dtype=run.param_dtype)
+        if s.final_logit_softcap:  # Gemma 2: tanh(logits / cap) · cap keeps the tanh
+            soft = tr.new(logits.numel, logits.dtype, True)
+            tr.save(soft)
+    head = tr.total - before
+    vocab_cells = run.tokens * s.vocab_size
+    labels = (run.seq + 1) * 8 if run.batch == 1 else run.tokens * 8  # pad(labels)[..., 1:].contiguous()
+    return _Activations(
+        embedding=embedding,
+        first_layer=first,
+        per_layer=per_layer,
+        head=head,
+        mask=mask,
+        loss_saved=vocab_cells * 4 + labels + 4,  # log_softmax output, target, total_weight
+        hidden=tr.hidden + later_hidden,
+        logits=logits.nbytes,
+        logits_upcast=vocab_cells * 4 if logits.dtype != "fp32" else 0,
+        layer_full=_own_bytes(layer, layer_input),
+        by_tag=tags,
+        layer_tags=dict(layer.by_tag),
+    )
+
+
+# --- persistent state: parameters, gradients, optimizer states ----------------------------------
+@dataclass(frozen=True)
+class _Tensor:
+    """A trainable parameter tensor: rows × cols (cols 0 for a vector)."""
+
+    rows: int
+    cols: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * max(self.cols, 1)
+
+
+def _all_tensors(s: ModelShape) -> list[_Tensor]:
+    """Every parameter tensor of the model (counted once when tied)."""
+    norm = [_Tensor(s.hidden_size, 0)] * (2 if s.norm == "layernorm" else 1)
+    layer: list[_Tensor] = []
+    for linear in s.linear_layers():
+        layer.append(_Tensor(linear.d_out, linear.d_in))
+        if linear.bias:
+            layer.append(_Tensor(linear.d_out, 0))
+    layer += norm * s.norms_per_layer
+    tensors = [_Tensor(s.vocab_size, s.hidden_size)] + layer * s.num_layers + norm
+    if s.learned_positions:
+        tensors.append(_Tensor(s.learned_positions, s.hidden_size))
+    if not s.tied_embeddings:
+        tensors.append(_Tensor(s.vocab_size, s.hidden_size))
+    if s.lm_head_bias:
+        tensors.append(_Tensor(s.vocab_size, 0))
+    return tensors
+
+
+def _lora_tensors(run: _Run) -> list[_Tensor]:
+    adapted = [linear for linear in run.shape.linear_layers() if linear.name in run.lora_targets]
+    per_layer = [t for lin in adapted for t in (_Tensor(run.lora_r, lin.d_in), _Tensor(lin.d_out, run.lora_r))]
+    return per_layer * run.shape.num_layers
+
+
+def _trainable(run: _Run) -> tuple[list[_Tensor], str]:
+    """The tensors the optimizer updates and their dtype."""
+    if run.full_ft:
+        return _all_tensors(run.shape), run.param_dtype
+    return _lora_tensors(run), run.lora_dtype
+
+
+def _parameter_terms(run: _Run) -> list[Term]:
+    s, size = run.shape, ITEMSIZE[run.param_dtype]
+    total = s.parameter_count()
+    terms = []
+    if run.quantization == "none":
+        terms.append(Term(f"parameters ({run.param_dtype})", total * size, f"{total:,} × {size} B", SRC_ZERO))
+    else:
+        weights = s.num_layers * sum(linear.d_in * linear.d_out for linear in s.linear_layers())
+        rest = total - weights
+        if run.quantization == "nf4":
+            quantised = round(weights * NF4_BYTES_PER_PARAM)
+            formula, source = f"{weights:,} × (0.5 + 1/64 + 4/16384) B (nf4, double quant)", SRC_QLORA
+        else:
+            rows = s.num_layers * sum(linear.d_out for linear in s.linear_layers())
+            quantised = weights + rows * 4
+            formula, source = f"{weights:,} × 1 B + {rows:,} row scales × 4 B (int8)", SRC_INT8
+        terms.append(Term(f"parameters, quantised linears ({run.quantization})", quantised, formula, source))
+        terms.append(
+            Term(
+                f"parameters, embeddings/norms/head ({run.param_dtype})", rest * size, f"{rest:,} × {size} B", SRC_QLORA
+            )
+        )
+    if not run.full_ft:
+        lora = sum(t.numel for t in _lora_tensors(run))
+        lsize = ITEMSIZE[run.lora_dtype]
+        terms.append(
+            Term(
+                f"LoRA adapters ({run.lora_dtype})",
+                lora * lsize,
+                f"{lora:,} = L × Σ r·(d_in + d_out) over {sorted(run.lora_targets)} × {lsize} B",
+                f"{SRC_LORA}; {SRC_PEFT_DTYPE}",
+            )
+        )
+    return terms
+
+
+def _gradient_term(run: _Run) -> Term:
+    tensors, dtype = _trainable(run)
+    numel = sum(t.numel for t in tensors)
+    what = "all parameters" if run.full_ft else "LoRA adapters only (frozen base: no gradients)"
+    return Term(
+        "gradients",
+        numel * ITEMSIZE[dtype],
+        f"{numel:,} trainable × {ITEMSIZE[dtype]} B ({what})",
+        SRC_ZERO if run.full_ft else SRC_LORA,
+    )
+
+
+def _bnb_8bit_state(t: _Tensor) -> int:
+    if t.numel < BNB_MIN_8BIT_SIZE:
+        return 2 * 4 * t.numel  # small tensors keep 32-bit states
+    blocks = -(-t.numel // BNB_BLOCK)
+    return 2 * t.numel + 2 * 4 * blocks + BNB_QMAP_BYTES
+
+
+def _optimizer_term(run: _Run) -> Term:
+    tensors, dtype = _trainable(run)
+    numel = sum(t.numel for t in tensors)
+    size = ITEMSIZE[dtype]
+    name = run.optimizer
+    if name == "adamw":
+        # exp_avg and exp_avg_sq in the parameter's dtype; the step counter is a CPU scalar.
+        steps = 4 * len(tensors) if run.device == "cpu" else 0
+        return Term(
+            "optimizer states (AdamW m, v)",
+            2 * numel * size + steps,
+            f"2 × {numel:,} × {size} B" + (f" + {len(tensors)} step scalars × 4 B" if steps else ""),
+            SRC_ADAMW,
+        )
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        state = sum(_bnb_8bit_state(t) for t in tensors)
+        return Term(
+            f"optimizer states ({name})",
+            state,
+            f"2 × {numel:,} × 1 B + fp32 absmax per {BNB_BLOCK} + 32-bit below {BNB_MIN_8BIT_SIZE} elements",
+            SRC_BNB_8BIT,
+        )
+    if name == "paged_adamw":
+        return Term("optimizer states (paged AdamW, fp32)", 8 * numel, f"2 × {numel:,} × 4 B", SRC_BNB_8BIT)
+    if name == "adafactor":
+        # Factored second moment: a row and a column vector per matrix; vectors keep a full one.
+        cells = sum(t.rows + t.cols if t.cols else t.numel for t in tensors)
+        return Term(
+            "optimizer states (Adafactor row/col second moments)",
+            cells * size + 4 * len(tensors),
+            f"Σ (rows + cols) = {cells:,} × {size} B + RMS scalar per tensor",
+            SRC_ADAFACTOR,
+        )
+    return Term("optimizer states (SGD, no momentum)", 0, "momentum 0 keeps no buffer", "torch.optim.SGD")
+
+
+def _optimizer_transient(run: _Run) -> Term:
+    """Temporaries of optimizer.step(): CUDA runs the foreach path over all tensors at once, the
+    CPU the single-tensor path one parameter at a time."""
+    tensors, dtype = _trainable(run)
+    size = ITEMSIZE[dtype]
+    numel = sum(t.numel for t in tensors)
+    largest = max((t.numel for t in tensors), default=0)
+    name, cuda = run.optimizer, run.device == "cuda"
+    if name == "adamw":
+        if cuda:
+            return Term("optimizer temporaries (foreach sqrt(v))", numel * size, f"{numel:,} × {size} B", SRC_FOREACH)
+        return Term(
+            "optimizer temporaries (sqrt(v) / bias correction)",
+            2 * largest * size,
+            f"2 × largest tensor {largest:,} × {size} B",
+            SRC_ADAMW,
+        )
+    if name == "adafactor":
+        return Term(
+            "optimizer temporaries (Adafactor update)",
+            3 * largest * 4,
+            f"3 × largest tensor {largest:,} × 4 B (fp32 update)",
+            SRC_ADAFACTOR,
+        )
+    if name == "sgd" and run.weight_decay > 0:
+        count = numel if cuda else largest
+        return Term("optimizer temporaries (grad + wd·param)", count * size, f"{count:,} × {size} B", "torch.optim.SGD")
+    return Term("optimizer temporaries", 0, "updates in place", "torch.optim.SGD" if name == "sgd" else SRC_BNB_8BIT)
+
+
+# --- transients around the layers -------------------------------------------------------------
+def _layer_transients(run: _Run, acts: _Activations) -> tuple[int, int]:
+    """(forward, backward) bytes a layer holds beyond the saved activations while it runs.
+
+    Forward: eager attention builds the scores, scales and masks them (two b·a·s² live at once;
+    softmax(dtype=float32) converts a 16-bit input first). Backward runs the MLP first (three
+    b·s·i gradients live at once for a gated MLP), frees the MLP's saved tensors, then the
+    attention: softmax's backward holds the incoming and outgoing gradient of the probabilities
+    while the dropout mask and dropped copy are already freed. With checkpointing the layer's
+    activations are recomputed first and live through its backward.
+    """
+    s, cd = run.shape, ITEMSIZE[run.compute_dtype]
+    square = run.batch * s.num_heads * run.seq * run.seq
+    wide = run.tokens * s.intermediate_size * cd
+    softmax = 4 if _fp32_softmax(run) else cd
+    if run.attention in ("eager", "sdpa_math"):
+        kept_squares = acts.layer_tags.get("attention scores", 0)
+        # Before softmax: scores and their scaled copy; at softmax: the masked scores, their fp32
+        # conversion and the output. Net of what the layer keeps, which does not exist yet.
+        upcast = softmax if softmax != cd else 0
+        attn_forward = max(0, square * max(2 * cd, cd + upcast + softmax) - kept_squares)
+        attn_backward = max(0, 2 * square * softmax - (kept_squares - square * softmax))
+    else:
+        attn_forward = 0
+        qkv = run.tokens * s.head_dim * (s.num_heads + 2 * s.num_kv_heads) * cd
+        attn_backward = qkv + (run.tokens * s.num_heads * s.head_dim * 4 if run.device == "cuda" else 0)
+    mlp_backward = (3 if s.gated_mlp or s.activation == "gelu_new" else 2) * wide
+    mlp_kept = acts.layer_tags.get("mlp", 0)
+    forward = max(attn_forward, wide)
+    if run.attention == "eager" and not run.checkpointing:
+        forward += run.batch * run.seq * run.seq * ITEMSIZE[run.param_dtype]  # the (b, 1, s, s) causal mask
+    residual = run.tokens * s.hidden_size * cd  # the gradient flowing down the residual stream
+    backward = max(mlp_backward + 2 * residual, attn_backward - mlp_kept + residual)
+    if run.quantization != "none":
+        # bitsandbytes dequantises a weight to 16 bits for each matmul, forward and backward.
+        dequantised = max(linear.d_in * linear.d_out for linear in s.linear_layers()) * 2
+        forward, backward = forward + dequantised, backward + dequantised
+    if run.checkpointing:
+        forward += wide
+        backward += acts.layer_full
+    return forward, backward
+
+
+# --- moments of the step ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Moment:
+    phase: str
+    breakdown: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.breakdown.values())
+
+
+def _moment(phase: str, **parts: int) -> _Moment:
+    return _Moment(phase, {key: int(parts.get(key, 0)) for key in BREAKDOWN_KEYS})
+
+
+@dataclass(frozen=True)
+class _Persistent:
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    optimizer_transient: int
+    states_paged: bool  # bitsandbytes paged states: evicted to host under pressure, resident in step()
+
+
+def _grad_fractions(run: _Run) -> tuple[float, float]:
+    """Shares of the gradient bytes that belong to one decoder layer and to the embeddings: what
+    is still missing while layer 0 and then the embeddings run their backward."""
+    s = run.shape
+    tensors, _ = _trainable(run)
+    total = sum(t.numel for t in tensors) or 1
+    if not run.full_ft:
+        return 1 / s.num_layers, 0.0  # adapters live in the layers only
+    embeddings = (s.learned_positions + (0 if s.tied_embeddings else s.vocab_size)) * s.hidden_size
+    return s.layer_parameters() / total, embeddings / total
+
+
+def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: int) -> list[_Moment]:
+    """The candidate peaks of a steady-state step (optimizer states already exist)."""
+    s = run.shape
+    activations = acts.total(s.num_layers)
+    vocab_cells = run.tokens * s.vocab_size
+    # Later micro-batches of an accumulation run forward and backward on top of the gradients.
+    held = st.gradients if run.accum > 1 else 0
+    states = 0 if st.states_paged else st.optimizer_states
+    forward_t, backward_t = _layer_transients(run, acts)
+    head_grad = s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype] if run.full_ft else 0
+    common = dict(parameters=st.parameters, optimizer_states=states)
+    loss_forward = acts.loss_saved + acts.logits + acts.logits_upcast
+    # nll_loss's gradient and log_softmax's input gradient, both b·s·V fp32, beside the saved output.
+    loss_backward = acts.loss_saved + 2 * vocab_cells * 4
+    last_layer_rest = 0 if run.checkpointing else acts.layer_tags.get("mlp", 0)
+    layer_share, embedding_share = _grad_fractions(run)
+    before_layer0 = max(held, round(st.gradients * (1 - layer_share - embedding_share)))
+    # The embedding's dense gradient is added into a tied lm_head's; accumulation adds every
+    # gradient into the previous micro-batches' one tensor at a time.
+    embedding_t = head_grad if s.tied_embeddings else 0
+    if run.accum > 1:
+        embedding_t += max(head_grad, s.largest_parameter() * ITEMSIZE[run.param_dtype] if run.full_ft else 0)
+    return [
+        _moment(
+            "forward", **common, gradients=held, activations=activations, logits_loss=loss_forward, transient=gathered
+        ),
+        # Inside the last layer's attention: its MLP, the head and the loss have kept nothing yet.
+        _moment(
+            "forward",
+            **common,
+            gradients=held,
+            activations=activations - last_layer_rest - acts.head,
+            transient=forward_t + gathered,
+        ),
+        _moment(
+            "backward", **common, gradients=held, activations=activations, logits_loss=loss_backward, transient=gathered
+        ),
+        # The top layer's backward, with the lm_head's gradient just made.
+        _moment(
+            "backward",
+            **common,
+            gradients=max(held, min(head_grad, st.gradients)),
+            activations=activations,
+            transient=backward_t + gathered,
+        ),
+        # Layer 0's backward: every gradient but its own and the embeddings' exists.
+        _moment(
+            "backward",
+            **common,
+            gradients=before_layer0,
+            activations=acts.embedding + acts.mask + acts.first_layer,
+            transient=backward_t + gathered,
+        ),
+        _moment(
+            "backward",
+            **common,
+            gradients=st.gradients,
+            activations=acts.embedding + acts.mask,
+            transient=embedding_t + gathered,
+        ),
+        _moment(
+            "optimizer",
+            parameters=st.parameters,
+            optimizer_states=st.optimizer_states,
+            gradients=st.gradients,
+            transient=st.optimizer_transient,
+        ),
+    ]
+
+
+# --- the estimate ---------------------------------------------------------------------------------
+def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
+    layers = run.shape.num_layers
+    terms = []
+    if acts.embedding:
+        terms.append(Term("activations: embeddings", acts.embedding, "token ids (+ dropout mask)", SRC_MEASURED))
+    if acts.mask:
+        terms.append(
+            Term(
+                "activations: causal mask kept by checkpointing", acts.mask, "b·s² in the hidden dtype", SRC_CHECKPOINT
+            )
+        )
+    what = "layer 0 (input needs no grad under LoRA)" if not run.full_ft else "layer 0"
+    terms.append(Term(f"activations: {what}", acts.first_layer, "walked op by op", SRC_MEASURED))
+    sources = {
+        "attention scores": f"{SRC_KORTHIKANTI} (the 5·a·s²·b term)",
+        "attention": SRC_FLASH if run.attention in ("sdpa", "flash") else SRC_KORTHIKANTI,
+        "lora": f"{SRC_LORA}; {SRC_PEFT_DTYPE}" + (f"; {SRC_DROPOUT}" if run.lora_dropout else ""),
+        "autocast weight copies": SRC_AUTOCAST,
+        "checkpointed layer input": SRC_CHECKPOINT,
+        "norms": SRC_DROPOUT if run.shape.residual_dropout else SRC_MEASURED,
+    }
+    if run.quantization != "none":
+        sources["attention"] = sources["mlp"] = SRC_BNB_MATMUL
+    for tag, size in sorted(acts.by_tag.items(), key=lambda item: -item[1]):
+        source = sources.get(tag, SRC_MEASURED)
+        terms.append(Term(f"activations per layer: {tag}", size * (layers - 1), f"{layers - 1} × {size:,} B", source))
+    terms.append(Term("activations: final norm and lm_head input", acts.head, "walked op by op", SRC_MEASURED))
+    return terms
+
+
+def _logit_terms(run: _Run, acts: _Activations) -> list[Term]:
+    cells = run.tokens * run.shape.vocab_size
+    return [
+        Term("logits", acts.logits, f"b·s·V = {cells:,} × {ITEMSIZE[run.compute_dtype]} B", SRC_HF_LOSS),
+        Term("logits fp32 upcast", acts.logits_upcast, f"{cells:,} × 4 B when logits are 16-bit", SRC_HF_LOSS),
+        Term("log-softmax kept for backward", acts.loss_saved, f"{cells:,} × 4 B + labels", SRC_HF_LOSS),
+        Term("loss gradient over the vocabulary", 2 * cells * 4, f"2 × {cells:,} × 4 B at backward start", SRC_HF_LOSS),
+    ]
+
+
+def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
+    s = run.shape
+    notes = []
+    if device == "cuda":
+        notes.append(
+            "allocator overhead not modelled (0): rounding, cached blocks and fragmentation of the caching "
+            "allocator vary with the run; compare reserved − allocated in a measured run"
+        )
+    if run.attention == "sdpa_math":
+        notes.append("sdpa with attention dropout on the CPU falls back to the math kernel, which keeps b·a·s² scores")
+    if cfg.model.attn_implementation == "sdpa" and s.attn_logit_softcap:
+        notes.append(
+            f"transformers refuses sdpa for {s.model_type} (soft-capped attention): estimated as eager; "
+            "set model.attn_implementation to eager or flash_attention_2"
+        )
+    if device == "cuda" and run.attention == "sdpa" and run.compute_dtype == "fp32" and s.num_kv_heads < s.num_heads:
+        notes.append("fp32 sdpa with GQA may fall back to the math kernel (b·a·s² scores) on older torch")
+    if run.quantization != "none":
+        notes.append(
+            "bitsandbytes dequantises each quantised weight for its matmul: the largest d_in·d_out × 2 B "
+            "is counted as a transient; its kernels' workspaces are not"
+        )
+    if cfg.train.num_gpus > 1 and (cfg.deepspeed is None or cfg.deepspeed.zero_stage == 0):
+        notes.append("data parallel without ZeRO: every rank holds everything; DDP gradient buckets not counted")
+    if cfg.train.num_gpus > 1:
+        notes.append("NCCL communication buffers are not counted")
+    if cfg.train.optimizer.startswith("paged"):
+        notes.append("paged optimizer states live in CUDA unified memory: counted only during optimizer.step()")
+    return notes
+
+
+def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape | None = None) -> MemoryEstimate:
+    """Estimate one training step's memory from formulas (no torch, no transformers).
+
+    `device` is where the step runs: "cuda" adds the CUDA context and uses CUDA's kernels' rules
+    (bool dropout masks, foreach optimizers); "cpu" matches the runner on the CPU.
+    """
+    shape = shape or shape_for(cfg.model.name)
+    run = _resolve(cfg, shape, device)
+    acts = _walk(run)
+    parameter_terms = _parameter_terms(run)
+    grad, states, opt_temp = _gradient_term(run), _optimizer_term(run), _optimizer_transient(run)
+    unsharded = {
+        "parameters": sum(term.bytes for term in parameter_terms),
+        "gradients": grad.bytes,
+        "optimizer_states": states.bytes,
+        "optimizer_transient": opt_temp.bytes,
+    }
+    sharded, shard_terms = shard_components(unsharded, cfg)
+    persistent = _Persistent(
+        parameters=sharded["parameters"],
+        gradients=sharded["gradients"],
+        optimizer_states=sharded["optimizer_states"],
+        optimizer_transient=sharded["optimizer_transient"],
+        states_paged=cfg.train.optimizer.startswith("paged"),
+    )
+    gathered = zero3_gathered_bytes(shape, cfg)
+    moments = _moments(run, acts, persistent, gathered)
+    peak = max(moments, key=lambda moment: moment.total)
+    runtime = CUDA_CONTEXT_BYTES if run.device == "cuda" else 0
+    terms = [
+        *parameter_terms,
+        grad,
+        states,
+        opt_temp,
+        *shard_terms,
+        *_activation_terms(run, acts),
+        *_logit_terms(run, acts),
+    ]
+    if gathered:
+        terms.append(Term("ZeRO-3 gathered parameters", gathered, "largest module + prefetch bucket", SRC_ZERO))
+    if runtime:
+        terms.append(Term("CUDA context", runtime, "300 MiB", SRC_CONTEXT))
+    activations = acts.total(shape.num_layers)
+    return MemoryEstimate(
+        mode="analytic",
+        breakdown=peak.breakdown,
+        peak_phase=peak.phase,
+        allocator_overhead_bytes=0,
+        runtime_overhead_bytes=runtime,
+        totals={
+            "parameters": persistent.parameters,
+            "gradients": persistent.gradients,
+            "optimizer_states": persistent.optimizer_states,
+            "activations": activations,
+            "logits_loss": acts.loss_saved + max(acts.logits + acts.logits_upcast, 8 * run.tokens * shape.vocab_size),
+            # What the runner's ActivationCounter measures: the storages saved-tensor hooks see.
+            "saved_for_backward": acts.hooks_see(shape.num_layers),
+            "optimizer_transient": persistent.optimizer_transient,
+        },
+        per_layer_activation_bytes=acts.per_layer or acts.first_layer,
+        terms=tuple(terms),
+        notes=tuple(_notes(run, cfg, run.device)),
+    )

@@ -1,0 +1,108 @@
+"""`python -m diagnosis` as other tools call it: a real subprocess, JSON on stdout, exit codes."""
+
+import gzip
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, subprocess_env
+
+MESSAGES = {
+    m["id"]: m["text"]
+    for m in yaml.safe_load((REPO / "tests" / "fixtures" / "oom_messages" / "messages.yaml").read_text())["messages"]
+}
+CONTRACT_KEYS = {
+    "is_oom",
+    "device",
+    "requested_bytes",
+    "total_bytes",
+    "free_bytes",
+    "allocated_bytes",
+    "reserved_bytes",
+    "reserved_unallocated_bytes",
+    "process_bytes",
+}
+
+
+def diagnosis(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "diagnosis", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_parse_reads_stdin_and_answers_the_contract():
+    result = diagnosis("parse", "-", "--json", stdin=MESSAGES["cuda_new_four_processes"])
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert CONTRACT_KEYS <= set(data) and data["is_oom"] is True and data["device"] == 0
+    assert data["requested_bytes"] == round(2.11 * 1024**3)
+    assert [p["pid"] for p in data["process_bytes"]] == [19066, 19069, 19060, 19063]
+    assert "messages" not in data
+
+
+def test_parse_with_several_messages_gives_the_first_and_all(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(MESSAGES["xpu_ipex_three_messages"])
+    data = json.loads(diagnosis("parse", str(log), "--json").stdout)
+    assert data["is_oom"] and len(data["messages"]) == 3 and data["messages"][0] == {
+        k: v for k, v in data.items() if k != "messages"
+    }
+
+
+def test_garbage_is_not_an_oom_message_and_not_an_error():
+    result = diagnosis("parse", "--json", stdin="\x00\x01 just a log line\n" * 50)
+    assert result.returncode == 0
+    data = json.loads(result.stdout)
+    assert data["is_oom"] is False and set(data) >= CONTRACT_KEYS and data["process_bytes"] == []
+    assert diagnosis("parse", stdin="hello").stdout.strip() == "not an OOM message"
+
+
+def test_a_missing_file_is_a_clear_error():
+    result = diagnosis("parse", "/nonexistent/log.txt")
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_suggest_on_a_pasted_message():
+    result = diagnosis("suggest", "-", "--json", stdin=MESSAGES["cuda21_zero_free_no_nvml"])
+    assert result.returncode == 0, result.stderr
+    items = json.loads(result.stdout)["suggestions"]
+    assert items[0]["category"] == "alloc_conf" and "expandable_segments:True" in items[0]["change"]
+    assert {"category", "change", "saves_bytes", "confidence", "why"} <= set(items[0])
+
+
+def test_snapshot_summary_and_refusal_of_code(tmp_path):
+    snapshot = REPO / "tests" / "fixtures" / "snapshots"
+    first = sorted(snapshot.glob("*.pickle*"))[0]
+    result = diagnosis("snapshot", str(first), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "headline" in json.loads(result.stdout)
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pickle.gz"
+    evil.write_bytes(gzip.compress(pickle.dumps({"segments": [Evil()]})))
+    result = diagnosis("snapshot", str(evil), "--json")
+    assert result.returncode == 2 and "refused" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args", [["estimate", "--set", "train.micro_batch_size=0"], ["estimate", "--gpu", "Z9000"]])
+def test_estimate_refuses_bad_input_with_the_key_named(args):
+    result = diagnosis(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "micro_batch_size" in result.stderr or "Z9000" in result.stderr
