@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -59,11 +60,59 @@ def test_oom_post_mortem_names_step_phase_and_layer(db_url):
     for key in ("run_id", "step", "phase", "module", "requested_bytes", "error_text", "finding"):
         assert key in data
     assert data["run_id"] == run_id and data["module"] == "model.layers.0.self_attn"
+    # Eager attention at 4,096 tokens: the L² scores are the problem, sdpa the cheapest fix that fits.
+    top = data["suggestions"][0]
+    assert top["category"] == "efficient_attention" and top["patch"] == {"model.attn_implementation": "sdpa"}
+    assert top["sufficient"] and top["saves_bytes"] > 0.25 * 1024**3
+    suggested = subprocess.run(
+        [sys.executable, "-m", "diagnosis", "suggest", "--run", str(run_id), "--db", db_url, "--json"],
+        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+    )
+    assert json.loads(suggested.stdout)["suggestions"] == data["suggestions"]
     text = subprocess.run(
         trainer_command("postmortem", str(run_id), "--db", db_url),
         capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
     ).stdout
     assert "step 1" in text and "forward of model.layers.0.self_attn" in text and "512.0 MiB" in text
+    assert "fixes, best first:\n    1. model.attn_implementation=sdpa" in text
+
+
+# A full fine-tune whose AdamW states do not fit: 18M parameters (a 32k vocabulary) at a short length.
+WIDE_VOCAB_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+
+def test_a_full_fine_tune_short_of_optimizer_memory_is_told_to_shrink_the_states(db_url, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(WIDE_VOCAB_LLAMA))
+    result, run_id = run(
+        db_url, f"model.name={config}", "lora=null", "data.seq_len=64", "train.micro_batch_size=1",
+        "train.max_steps=2", "train.device=cpu", "memory.limit_gb=0.25",
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    pm = get_postmortem(open_engine(db_url), run_id)
+    assert pm.phase == "optimizer"
+    suggested = subprocess.run(
+        [sys.executable, "-m", "diagnosis", "suggest", "--run", str(run_id), "--db", db_url, "--json"],
+        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+    )
+    items = json.loads(suggested.stdout)["suggestions"]
+    categories = [item["category"] for item in items]
+    # What shrinks the states (or all the weights) comes first; activation fixes cannot help here.
+    assert categories[0] in ("lora", "optimizer_8bit", "zero", "mixed_precision"), categories
+    assert "lora" in categories[:3]
+    by_category = {item["category"]: item for item in items}
+    if "gradient_checkpointing" in by_category:
+        assert not by_category["gradient_checkpointing"]["sufficient"]
 
 
 def test_the_long_batch_that_triggered_it_is_named(db_url):
