@@ -353,3 +353,11 @@ def test_a_7b_shaped_model_traces_without_allocating_its_weights(tmp_path):
     # Real weights alone would take 1.9 GiB of RAM.
     assert rss.peak - rss.start < 512 * MIB
     assert estimate.breakdown["activations"] > layers * estimate.per_layer_activation_bytes * 0.9
+
+
+def test_long_accumulation_traces_two_micro_batches_with_the_same_peak():
+    base = {"model": {"name": "tiny-llama"}, "data": {"seq_len": 128}, "train": {"micro_batch_size": 1}}
+    two = estimate_traced(validate_config({**base, "train": {"grad_accum_steps": 2}}), device="cpu")
+    many = estimate_traced(validate_config({**base, "train": {"grad_accum_steps": 64}}), device="cpu")
+    assert many.peak_allocated_bytes == two.peak_allocated_bytes and many.breakdown == two.breakdown
+    assert any("2 of the 64 accumulation micro-batches" in note for note in many.notes)
