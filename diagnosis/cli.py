@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     suggest.add_argument("--config", help="the run's config YAML: savings become estimator what-ifs")
     suggest.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     suggest.add_argument("--run", help="a recorded run id or 'latest': its post-mortem and config")
+    suggest.add_argument("--snapshot", help="a PyTorch memory snapshot of the failure (loaded safely)")
     suggest.add_argument("--db", help="database URL for --run (default: the workspace's SQLite file)")
     _add_capacity(suggest)
     suggest.add_argument("--torch-version", help="the torch that ran (decides the allocator setting)")
@@ -165,14 +166,19 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             message = parse_oom(document.get("error_text") or "")
         else:
             message = parse_oom(text)
-    if message is None and postmortem is None and cfg is None:
+    snapshot = None
+    if args.snapshot:
+        from diagnosis.snapshot import read_snapshot
+
+        snapshot = read_snapshot(args.snapshot).to_json()
+    if message is None and postmortem is None and cfg is None and snapshot is None:
         _emit(
             {"suggestions": [], "note": "not an OOM message, and no config to estimate"},
             args.json,
             "Not an OOM message, and no --config to estimate: nothing to suggest.",
         )
         return EXIT_OK
-    evidence = Evidence(cfg, message, postmortem, None, _capacity(args), torch_version)
+    evidence = Evidence(cfg, message, postmortem, snapshot, _capacity(args), torch_version)
     items = suggest(evidence)
     text = "\n".join(
         f"{i}. [{s.category}] {s.change}\n   saves {human_bytes(s.saves_bytes)}"

@@ -171,20 +171,32 @@ def capacity_bytes(ev: Evidence) -> int | None:
     return None
 
 
+def _snapshot_oom(ev: Evidence) -> Mapping[str, Any]:
+    """The last OOM event a snapshot recorded ({} when none)."""
+    ooms = (ev.snapshot or {}).get("ooms") or []
+    return ooms[-1] if ooms else {}
+
+
 def requested_bytes(ev: Evidence) -> int | None:
     if ev.message is not None and ev.message.requested_bytes is not None:
         return ev.message.requested_bytes
-    if ev.postmortem is not None:
-        return ev.postmortem.get("requested_bytes")
-    return None
+    if ev.postmortem is not None and ev.postmortem.get("requested_bytes") is not None:
+        return ev.postmortem["requested_bytes"]
+    return _snapshot_oom(ev).get("requested_bytes")
 
 
 def free_bytes(ev: Evidence) -> int | None:
     if ev.message is not None and ev.message.free_bytes is not None:
         return ev.message.free_bytes
-    if ev.postmortem is not None:
-        return ev.postmortem.get("device_free_bytes")
-    return None
+    if ev.postmortem is not None and ev.postmortem.get("device_free_bytes") is not None:
+        return ev.postmortem["device_free_bytes"]
+    return _snapshot_oom(ev).get("device_free_bytes")
+
+
+def _expandable_already(ev: Evidence) -> bool:
+    settings = (ev.snapshot or {}).get("allocator_settings") or {}
+    conf = ev.config.memory.alloc_conf if ev.config is not None else None
+    return bool(settings.get("expandable_segments")) or "expandable_segments:true" in (conf or "").lower()
 
 
 def cached_bytes(ev: Evidence) -> int | None:
@@ -195,6 +207,9 @@ def cached_bytes(ev: Evidence) -> int | None:
     reserved, allocated = stats.get("reserved_bytes.all.current"), stats.get("allocated_bytes.all.current")
     if reserved is not None and allocated is not None:
         return max(0, reserved - allocated)
+    oom = _snapshot_oom(ev)
+    if oom.get("reserved_bytes") is not None and oom.get("allocated_bytes") is not None:
+        return max(0, oom["reserved_bytes"] - oom["allocated_bytes"])
     totals = (ev.snapshot or {}).get("totals") or {}
     if totals.get("reserved_bytes") is not None and totals.get("allocated_bytes") is not None:
         return max(0, totals["reserved_bytes"] - totals["allocated_bytes"])
@@ -288,7 +303,7 @@ def _shortfall(ev: Evidence, base: MemoryEstimate | None) -> int | None:
 
 def _rule_alloc_conf(ctx: _Context) -> list[Suggestion]:
     ev = ctx.ev
-    if _on_cpu(ev):
+    if _on_cpu(ev) or _expandable_already(ev):
         return []
     cached, requested = cached_bytes(ev), requested_bytes(ev)
     varying = ev.config is not None and ev.config.data.vary_length

@@ -141,3 +141,25 @@ def test_a_leak_comes_first_and_says_no_config_fixes_it():
 
 def test_nothing_known_gives_no_suggestion_rather_than_generic_advice():
     assert suggest(Evidence()) == []
+
+
+def test_a_snapshot_with_expandable_segments_on_gets_no_allocator_advice():
+    from diagnosis.snapshot import read_snapshot
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "snapshots"
+    snapshot = read_snapshot(fixtures / "SunnySood80__unsupervised_finetune_resnet50__7c75eafd28__dump_snapshot.pickle")
+    assert snapshot.to_json()["allocator_settings"]["expandable_segments"] is True
+    message = parse_oom(MESSAGES["backward_call_chain"])
+    with_snapshot = suggest(Evidence(message=message, snapshot=snapshot.to_json()))
+    assert "alloc_conf" not in categories(with_snapshot)
+    assert "alloc_conf" in categories(suggest(Evidence(message=message)))
+
+
+def test_a_snapshots_oom_event_supplies_the_request_and_the_cache():
+    snapshot = {
+        "ooms": [{"requested_bytes": 2 * GIB, "device_free_bytes": 0, "allocated_bytes": 70 * GIB,
+                  "reserved_bytes": 75 * GIB}],
+        "allocator_settings": {},
+    }
+    first = suggest(Evidence(snapshot=snapshot, torch_version="2.5.1"))[0]
+    assert first.category == "alloc_conf" and first.saves_bytes == 5 * GIB and first.confidence == "high"
