@@ -16,14 +16,17 @@ The peak is the largest of a few moments of a steady-state step (optimizer state
   gradient temporaries as gradients of trainable parameters build up;
 - optimizer: parameters + gradients + states + the update's temporaries.
 
-What it does not model is said in `notes`: allocator fragmentation, NCCL and DeepSpeed buffers,
+On CUDA every tensor counted is rounded up to the caching allocator's 512-byte block, as
+`max_memory_allocated` counts it (the traced mode rounds each storage it sees the same way). What
+it does not model is said in `notes`: allocator fragmentation, NCCL and DeepSpeed buffers,
 kernels' private workspaces.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,8 +57,15 @@ SRC_FLASH = "Dao et al., FlashAttention (2022): keeps output + logsumexp, recomp
 SRC_CHECKPOINT = "torch.utils.checkpoint (non-reentrant): keeps each layer's input, recomputes it in backward"
 SRC_DROPOUT = "ATen dropout: CUDA native_dropout keeps a bool mask, the CPU path a mask in the input dtype"
 SRC_CONTEXT = "REFERENCE.md §2: CUDA context ~300 MB with lazy module loading (CUDA >= 11.7)"
+SRC_CUDA_BLOCKS = (
+    "c10/cuda/CUDACachingAllocator.cpp: round_size() rounds every request up to a multiple of kMinBlockSize "
+    "(512 B), and allocated_bytes (max_memory_allocated) counts the rounded sizes"
+)
 
 CUDA_CONTEXT_BYTES = 300 * BYTES_PER_MIB
+# The CUDA caching allocator hands out every tensor's storage in multiples of 512 bytes
+# (kMinBlockSize); its statistics count the rounded sizes. The CPU allocator does not round.
+CUDA_BLOCK_BYTES = 512
 # bitsandbytes NF4: 4-bit codes, one absmax per 64 weights, stored as 8-bit under double
 # quantization with one fp32 second-level constant per 256 blocks (QLoRA §3).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -96,6 +106,18 @@ class _Run:
     @property
     def compute_dtype(self) -> str:
         return self.autocast or self.param_dtype
+
+    def block(self, nbytes: int) -> int:
+        """The device bytes of one tensor of `nbytes`: a multiple of 512 on CUDA (SRC_CUDA_BLOCKS)."""
+        if self.device == "cuda":
+            return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+        return nbytes
+
+    def blocks(self, numels: Iterable[int], itemsize: float) -> int:
+        """The device bytes of one tensor per element count, each rounded as `block` does."""
+        if self.device != "cuda":
+            return round(sum(numels) * itemsize)
+        return sum(self.block(math.ceil(numel * itemsize)) for numel in numels)
 
 
 def _attention_kernel(cfg: RunConfig, shape: ModelShape, device: str) -> str:
@@ -146,11 +168,8 @@ class _T:
     dtype: str
     grad: bool
     key: int
-    storage: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
+    storage: int  # device bytes of the whole storage (a multiple of 512 on CUDA)
+    view: bool = False  # a part of a larger storage (q of a fused qkv, half of gate_up)
 
 
 def _promote(a: str, b: str) -> str:
@@ -191,11 +210,11 @@ class _Trace:
             self.tag = previous
 
     def new(self, numel: int, dtype: str, grad: bool) -> _T:
-        return _T(numel, dtype, grad, next(self._keys), numel * ITEMSIZE[dtype])
+        return _T(numel, dtype, grad, next(self._keys), self.run.block(numel * ITEMSIZE[dtype]))
 
     @staticmethod
     def view(t: _T, numel: int) -> _T:
-        return _T(numel, t.dtype, t.grad, t.key, t.storage)
+        return _T(numel, t.dtype, t.grad, t.key, t.storage, view=t.view or numel < t.numel)
 
     def save(self, *tensors: _T, tag: str | None = None, hooks_see: bool = True) -> None:
         for t in tensors:
@@ -376,7 +395,7 @@ def _scores_attention(tr: _Trace, q: _T, k: _T, v: _T) -> _T:
     if run.batch > 1:
         # The batched matmul reshapes (b, a, s, d) to (b·a, s, d): a strided view of a fused qkv
         # storage is copied, and the copy is what autograd keeps.
-        q, k, v = (tr.new(t.numel, t.dtype, t.grad) if t.storage > t.nbytes else t for t in (q, k, v))
+        q, k, v = (tr.new(t.numel, t.dtype, t.grad) if t.view else t for t in (q, k, v))
     qa, ka = tr.autocast(q), tr.autocast(k)
     if run.attention == "sdpa_math":
         # The CPU math kernel computes in fp32 whatever the inputs, on q and k pre-scaled copies.
@@ -565,16 +584,17 @@ def _walk(run: _Run) -> _Activations:
     head = tr.total - before
     vocab_cells = run.tokens * s.vocab_size
     labels = (run.seq + 1) * 8 if run.batch == 1 else run.tokens * 8  # pad(labels)[..., 1:].contiguous()
+    fp32_cells = run.block(vocab_cells * 4)
     return _Activations(
         embedding=embedding,
         first_layer=first,
         per_layer=per_layer,
         head=head,
         mask=mask,
-        loss_saved=vocab_cells * 4 + labels + 4,  # log_softmax output, target, total_weight
+        loss_saved=fp32_cells + run.block(labels) + run.block(4),  # log_softmax output, target, total_weight
         hidden=tr.hidden + later_hidden,
-        logits=logits.nbytes,
-        logits_upcast=vocab_cells * 4 if logits.dtype != "fp32" else 0,
+        logits=logits.storage,
+        logits_upcast=fp32_cells if logits.dtype != "fp32" else 0,
         layer_full=_own_bytes(layer, layer_input),
         by_tag=tags,
         layer_tags=dict(layer.by_tag),
@@ -626,37 +646,67 @@ def _trainable(run: _Run) -> tuple[list[_Tensor], str]:
     return _lora_tensors(run), run.lora_dtype
 
 
+def _blocks_note(run: _Run) -> str:
+    """What a formula adds on CUDA, where every tensor is rounded up to whole 512-byte blocks."""
+    return f", each tensor rounded up to {CUDA_BLOCK_BYTES} B" if run.device == "cuda" else ""
+
+
+def _source(run: _Run, source: str) -> str:
+    return f"{source}; {SRC_CUDA_BLOCKS}" if run.device == "cuda" else source
+
+
 def _parameter_terms(run: _Run) -> list[Term]:
     s, size = run.shape, ITEMSIZE[run.param_dtype]
     total = s.parameter_count()
+    rounded = _blocks_note(run)
     terms = []
     if run.quantization == "none":
-        terms.append(Term(f"parameters ({run.param_dtype})", total * size, f"{total:,} × {size} B", SRC_ZERO))
+        nbytes = run.blocks((t.numel for t in _all_tensors(s)), size)
+        terms.append(
+            Term(f"parameters ({run.param_dtype})", nbytes, f"{total:,} × {size} B{rounded}", _source(run, SRC_ZERO))
+        )
     else:
-        weights = s.num_layers * sum(linear.d_in * linear.d_out for linear in s.linear_layers())
+        linears = s.linear_layers() * s.num_layers
+        weights = sum(linear.d_in * linear.d_out for linear in linears)
         rest = total - weights
+        rest_bytes = run.blocks((t.numel for t in _all_tensors(s)), size) - run.blocks(
+            (linear.d_in * linear.d_out for linear in linears), size
+        )
         if run.quantization == "nf4":
-            quantised = round(weights * NF4_BYTES_PER_PARAM)
+            quantised = run.blocks((linear.d_in * linear.d_out for linear in linears), NF4_BYTES_PER_PARAM)
             formula, source = f"{weights:,} × (0.5 + 1/64 + 4/16384) B (nf4, double quant)", SRC_QLORA
         else:
-            rows = s.num_layers * sum(linear.d_out for linear in s.linear_layers())
-            quantised = weights + rows * 4
+            rows = sum(linear.d_out for linear in linears)
+            quantised = run.blocks((linear.d_in * linear.d_out for linear in linears), 1) + run.blocks(
+                (linear.d_out for linear in linears), 4
+            )
             formula, source = f"{weights:,} × 1 B + {rows:,} row scales × 4 B (int8)", SRC_INT8
-        terms.append(Term(f"parameters, quantised linears ({run.quantization})", quantised, formula, source))
         terms.append(
             Term(
-                f"parameters, embeddings/norms/head ({run.param_dtype})", rest * size, f"{rest:,} × {size} B", SRC_QLORA
+                f"parameters, quantised linears ({run.quantization})",
+                quantised,
+                formula + rounded,
+                _source(run, source),
+            )
+        )
+        terms.append(
+            Term(
+                f"parameters, embeddings/norms/head ({run.param_dtype})",
+                rest_bytes,
+                f"{rest:,} × {size} B{rounded}",
+                _source(run, SRC_QLORA),
             )
         )
     if not run.full_ft:
-        lora = sum(t.numel for t in _lora_tensors(run))
+        adapters = _lora_tensors(run)
+        lora = sum(t.numel for t in adapters)
         lsize = ITEMSIZE[run.lora_dtype]
         terms.append(
             Term(
                 f"LoRA adapters ({run.lora_dtype})",
-                lora * lsize,
-                f"{lora:,} = L × Σ r·(d_in + d_out) over {sorted(run.lora_targets)} × {lsize} B",
-                f"{SRC_LORA}; {SRC_PEFT_DTYPE}",
+                run.blocks((t.numel for t in adapters), lsize),
+                f"{lora:,} = L × Σ r·(d_in + d_out) over {sorted(run.lora_targets)} × {lsize} B{rounded}",
+                _source(run, f"{SRC_LORA}; {SRC_PEFT_DTYPE}"),
             )
         )
     return terms
@@ -668,51 +718,61 @@ def _gradient_term(run: _Run) -> Term:
     what = "all parameters" if run.full_ft else "LoRA adapters only (frozen base: no gradients)"
     return Term(
         "gradients",
-        numel * ITEMSIZE[dtype],
-        f"{numel:,} trainable × {ITEMSIZE[dtype]} B ({what})",
-        SRC_ZERO if run.full_ft else SRC_LORA,
+        run.blocks((t.numel for t in tensors), ITEMSIZE[dtype]),
+        f"{numel:,} trainable × {ITEMSIZE[dtype]} B ({what}){_blocks_note(run)}",
+        _source(run, SRC_ZERO if run.full_ft else SRC_LORA),
     )
 
 
-def _bnb_8bit_state(t: _Tensor) -> int:
+def _bnb_8bit_state(run: _Run, t: _Tensor) -> int:
     if t.numel < BNB_MIN_8BIT_SIZE:
-        return 2 * 4 * t.numel  # small tensors keep 32-bit states
+        return 2 * run.block(4 * t.numel)  # small tensors keep 32-bit states
     blocks = -(-t.numel // BNB_BLOCK)
-    return 2 * t.numel + 2 * 4 * blocks + BNB_QMAP_BYTES
+    return 2 * run.block(t.numel) + 2 * run.block(4 * blocks) + run.block(BNB_QMAP_BYTES)
 
 
 def _optimizer_term(run: _Run) -> Term:
     tensors, dtype = _trainable(run)
     numel = sum(t.numel for t in tensors)
     size = ITEMSIZE[dtype]
-    name = run.optimizer
+    name, rounded = run.optimizer, _blocks_note(run)
     if name == "adamw":
         # exp_avg and exp_avg_sq in the parameter's dtype; the step counter is a CPU scalar.
         steps = 4 * len(tensors) if run.device == "cpu" else 0
         return Term(
             "optimizer states (AdamW m, v)",
-            2 * numel * size + steps,
-            f"2 × {numel:,} × {size} B" + (f" + {len(tensors)} step scalars × 4 B" if steps else ""),
-            SRC_ADAMW,
+            2 * run.blocks((t.numel for t in tensors), size) + steps,
+            f"2 × {numel:,} × {size} B" + (f" + {len(tensors)} step scalars × 4 B" if steps else "") + rounded,
+            _source(run, SRC_ADAMW),
         )
     if name in ("adamw_8bit", "paged_adamw_8bit"):
-        state = sum(_bnb_8bit_state(t) for t in tensors)
+        state = sum(_bnb_8bit_state(run, t) for t in tensors)
         return Term(
             f"optimizer states ({name})",
             state,
-            f"2 × {numel:,} × 1 B + fp32 absmax per {BNB_BLOCK} + 32-bit below {BNB_MIN_8BIT_SIZE} elements",
-            SRC_BNB_8BIT,
+            f"2 × {numel:,} × 1 B + fp32 absmax per {BNB_BLOCK} + 32-bit below {BNB_MIN_8BIT_SIZE} elements{rounded}",
+            _source(run, SRC_BNB_8BIT),
         )
     if name == "paged_adamw":
-        return Term("optimizer states (paged AdamW, fp32)", 8 * numel, f"2 × {numel:,} × 4 B", SRC_BNB_8BIT)
+        return Term(
+            "optimizer states (paged AdamW, fp32)",
+            2 * run.blocks((t.numel for t in tensors), 4),
+            f"2 × {numel:,} × 4 B{rounded}",
+            _source(run, SRC_BNB_8BIT),
+        )
     if name == "adafactor":
         # Factored second moment: a row and a column vector per matrix; vectors keep a full one.
+        # The states are made `.to(grad)` after a 16-bit gradient is upcast (`grad.float()`), and
+        # the RMS is a 0-dim tensor of the fp32 parameter: fp32 whatever the parameters' dtype.
         cells = sum(t.rows + t.cols if t.cols else t.numel for t in tensors)
+        state = sum(
+            run.block(4 * t.rows) + run.block(4 * t.cols) if t.cols else run.block(4 * t.numel) for t in tensors
+        )
         return Term(
-            "optimizer states (Adafactor row/col second moments)",
-            cells * size + 4 * len(tensors),
-            f"Σ (rows + cols) = {cells:,} × {size} B + RMS scalar per tensor",
-            SRC_ADAFACTOR,
+            "optimizer states (Adafactor row/col second moments, fp32)",
+            state + len(tensors) * run.block(4),
+            f"Σ (rows + cols) = {cells:,} × 4 B + fp32 RMS scalar per tensor{rounded}",
+            _source(run, SRC_ADAFACTOR),
         )
     return Term("optimizer states (SGD, no momentum)", 0, "momentum 0 keeps no buffer", "torch.optim.SGD")
 
@@ -724,10 +784,15 @@ def _optimizer_transient(run: _Run) -> Term:
     size = ITEMSIZE[dtype]
     numel = sum(t.numel for t in tensors)
     largest = max((t.numel for t in tensors), default=0)
-    name, cuda = run.optimizer, run.device == "cuda"
+    name, cuda, rounded = run.optimizer, run.device == "cuda", _blocks_note(run)
     if name == "adamw":
         if cuda:
-            return Term("optimizer temporaries (foreach sqrt(v))", numel * size, f"{numel:,} × {size} B", SRC_FOREACH)
+            return Term(
+                "optimizer temporaries (foreach sqrt(v))",
+                run.blocks((t.numel for t in tensors), size),
+                f"{numel:,} × {size} B{rounded}",
+                _source(run, SRC_FOREACH),
+            )
         return Term(
             "optimizer temporaries (sqrt(v) / bias correction)",
             2 * largest * size,
@@ -737,13 +802,16 @@ def _optimizer_transient(run: _Run) -> Term:
     if name == "adafactor":
         return Term(
             "optimizer temporaries (Adafactor update)",
-            3 * largest * 4,
-            f"3 × largest tensor {largest:,} × 4 B (fp32 update)",
-            SRC_ADAFACTOR,
+            3 * run.block(largest * 4),
+            f"3 × largest tensor {largest:,} × 4 B (fp32 update){rounded}",
+            _source(run, SRC_ADAFACTOR),
         )
     if name == "sgd" and run.weight_decay > 0:
         count = numel if cuda else largest
-        return Term("optimizer temporaries (grad + wd·param)", count * size, f"{count:,} × {size} B", "torch.optim.SGD")
+        nbytes = run.blocks((t.numel for t in tensors), size) if cuda else largest * size
+        return Term(
+            "optimizer temporaries (grad + wd·param)", nbytes, f"{count:,} × {size} B{rounded}", "torch.optim.SGD"
+        )
     return Term("optimizer temporaries", 0, "updates in place", "torch.optim.SGD" if name == "sgd" else SRC_BNB_8BIT)
 
 
@@ -758,31 +826,33 @@ def _layer_transients(run: _Run, acts: _Activations) -> tuple[int, int]:
     while the dropout mask and dropped copy are already freed. With checkpointing the layer's
     activations are recomputed first and live through its backward.
     """
-    s, cd = run.shape, ITEMSIZE[run.compute_dtype]
+    s, cd, block = run.shape, ITEMSIZE[run.compute_dtype], run.block
     square = run.batch * s.num_heads * run.seq * run.seq
-    wide = run.tokens * s.intermediate_size * cd
+    wide = block(run.tokens * s.intermediate_size * cd)
     softmax = 4 if _fp32_softmax(run) else cd
     if run.attention in ("eager", "sdpa_math"):
         kept_squares = acts.layer_tags.get("attention scores", 0)
         # Before softmax: scores and their scaled copy; at softmax: the masked scores, their fp32
         # conversion and the output. Net of what the layer keeps, which does not exist yet.
-        upcast = softmax if softmax != cd else 0
-        attn_forward = max(0, square * max(2 * cd, cd + upcast + softmax) - kept_squares)
-        attn_backward = max(0, 2 * square * softmax - (kept_squares - square * softmax))
+        upcast = block(square * softmax) if softmax != cd else 0
+        scores = block(square * cd)
+        attn_forward = max(0, max(2 * scores, scores + upcast + block(square * softmax)) - kept_squares)
+        attn_backward = max(0, 2 * block(square * softmax) - (kept_squares - block(square * softmax)))
     else:
         attn_forward = 0
-        qkv = run.tokens * s.head_dim * (s.num_heads + 2 * s.num_kv_heads) * cd
-        attn_backward = qkv + (run.tokens * s.num_heads * s.head_dim * 4 if run.device == "cuda" else 0)
+        q, kv = run.tokens * s.head_dim * s.num_heads, run.tokens * s.head_dim * s.num_kv_heads
+        qkv = block(q * cd) + 2 * block(kv * cd)
+        attn_backward = qkv + (block(q * 4) if run.device == "cuda" else 0)
     mlp_backward = (3 if s.gated_mlp or s.activation == "gelu_new" else 2) * wide
     mlp_kept = acts.layer_tags.get("mlp", 0)
     forward = max(attn_forward, wide)
     if run.attention == "eager" and not run.checkpointing:
-        forward += run.batch * run.seq * run.seq * ITEMSIZE[run.param_dtype]  # the (b, 1, s, s) causal mask
-    residual = run.tokens * s.hidden_size * cd  # the gradient flowing down the residual stream
+        forward += block(run.batch * run.seq * run.seq * ITEMSIZE[run.param_dtype])  # the (b, 1, s, s) causal mask
+    residual = block(run.tokens * s.hidden_size * cd)  # the gradient flowing down the residual stream
     backward = max(mlp_backward + 2 * residual, attn_backward - mlp_kept + residual)
     if run.quantization != "none":
         # bitsandbytes dequantises a weight to 16 bits for each matmul, forward and backward.
-        dequantised = max(linear.d_in * linear.d_out for linear in s.linear_layers()) * 2
+        dequantised = block(max(linear.d_in * linear.d_out for linear in s.linear_layers()) * 2)
         forward, backward = forward + dequantised, backward + dequantised
     if run.checkpointing:
         forward += wide
@@ -830,16 +900,16 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: int) -> l
     """The candidate peaks of a steady-state step (optimizer states already exist)."""
     s = run.shape
     activations = acts.total(s.num_layers)
-    vocab_cells = run.tokens * s.vocab_size
+    fp32_cells = run.block(run.tokens * s.vocab_size * 4)
     # Later micro-batches of an accumulation run forward and backward on top of the gradients.
     held = st.gradients if run.accum > 1 else 0
     states = 0 if st.states_paged else st.optimizer_states
     forward_t, backward_t = _layer_transients(run, acts)
-    head_grad = s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype] if run.full_ft else 0
+    head_grad = run.block(s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype]) if run.full_ft else 0
     common = dict(parameters=st.parameters, optimizer_states=states)
     loss_forward = acts.loss_saved + acts.logits + acts.logits_upcast
     # nll_loss's gradient and log_softmax's input gradient, both b·s·V fp32, beside the saved output.
-    loss_backward = acts.loss_saved + 2 * vocab_cells * 4
+    loss_backward = acts.loss_saved + 2 * fp32_cells
     last_layer_rest = 0 if run.checkpointing else acts.layer_tags.get("mlp", 0)
     layer_share, embedding_share = _grad_fractions(run)
     before_layer0 = max(held, round(st.gradients * (1 - layer_share - embedding_share)))
@@ -847,7 +917,8 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: int) -> l
     # gradient into the previous micro-batches' one tensor at a time.
     embedding_t = head_grad if s.tied_embeddings else 0
     if run.accum > 1:
-        embedding_t += max(head_grad, s.largest_parameter() * ITEMSIZE[run.param_dtype] if run.full_ft else 0)
+        largest = run.block(s.largest_parameter() * ITEMSIZE[run.param_dtype]) if run.full_ft else 0
+        embedding_t += max(head_grad, largest)
     return [
         _moment(
             "forward", **common, gradients=held, activations=activations, logits_loss=loss_forward, transient=gathered
@@ -933,7 +1004,12 @@ def _logit_terms(run: _Run, acts: _Activations) -> list[Term]:
         Term("logits", acts.logits, f"b·s·V = {cells:,} × {ITEMSIZE[run.compute_dtype]} B", SRC_HF_LOSS),
         Term("logits fp32 upcast", acts.logits_upcast, f"{cells:,} × 4 B when logits are 16-bit", SRC_HF_LOSS),
         Term("log-softmax kept for backward", acts.loss_saved, f"{cells:,} × 4 B + labels", SRC_HF_LOSS),
-        Term("loss gradient over the vocabulary", 2 * cells * 4, f"2 × {cells:,} × 4 B at backward start", SRC_HF_LOSS),
+        Term(
+            "loss gradient over the vocabulary",
+            2 * run.block(cells * 4),
+            f"2 × {cells:,} × 4 B at backward start",
+            SRC_HF_LOSS,
+        ),
     ]
 
 
@@ -942,8 +1018,12 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
     notes = []
     if device == "cuda":
         notes.append(
-            "allocator overhead not modelled (0): rounding, cached blocks and fragmentation of the caching "
-            "allocator vary with the run; compare reserved − allocated in a measured run"
+            f"every tensor counted is rounded up to a multiple of {CUDA_BLOCK_BYTES} bytes, as the CUDA caching "
+            "allocator does and max_memory_allocated counts (kMinBlockSize, c10/cuda/CUDACachingAllocator.cpp)"
+        )
+        notes.append(
+            "allocator overhead not modelled (0): cached blocks and fragmentation of the caching allocator vary "
+            "with the run; compare reserved − allocated in a measured run"
         )
     if run.attention == "sdpa_math":
         notes.append("sdpa with attention dropout on the CPU falls back to the math kernel, which keeps b·a·s² scores")
@@ -971,8 +1051,9 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
 def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape | None = None) -> MemoryEstimate:
     """Estimate one training step's memory from formulas (no torch, no transformers).
 
-    `device` is where the step runs: "cuda" adds the CUDA context and uses CUDA's kernels' rules
-    (bool dropout masks, foreach optimizers); "cpu" matches the runner on the CPU.
+    `device` is where the step runs: "cuda" adds the CUDA context, rounds every tensor up to the
+    caching allocator's 512-byte blocks and uses CUDA's kernels' rules (bool dropout masks, fused
+    SDPA with dropout, foreach optimizers); "cpu" matches the runner on the CPU.
     """
     shape = shape or shape_for(cfg.model.name)
     run = _resolve(cfg, shape, device)
@@ -1022,7 +1103,8 @@ def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape
             "gradients": persistent.gradients,
             "optimizer_states": persistent.optimizer_states,
             "activations": activations,
-            "logits_loss": acts.loss_saved + max(acts.logits + acts.logits_upcast, 8 * run.tokens * shape.vocab_size),
+            "logits_loss": acts.loss_saved
+            + max(acts.logits + acts.logits_upcast, 2 * run.block(4 * run.tokens * shape.vocab_size)),
             # What the runner's ActivationCounter measures: the storages saved-tensor hooks see.
             "saved_for_backward": acts.hooks_see(shape.num_layers),
             "optimizer_transient": persistent.optimizer_transient,

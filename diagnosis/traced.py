@@ -13,8 +13,9 @@ the tests check it against a real CPU step.
 
 Fake CUDA tensors need a CUDA build of torch, so tracing happens on the CPU: kernel choices are
 the CPU's (see `_CPU_TRACE_NOTE`), except where CUDA's differ in what they keep and the choice can
-be made from Python: for `device="cuda"` dropout takes the fused kernel (a 1-byte mask) and the
-optimizer its foreach implementation. The step runs twice and the second is reported: optimizer
+be made from Python: for `device="cuda"` dropout takes the fused kernel (a 1-byte mask), SDPA
+with attention dropout stays in a fused kernel (no scores kept) and the optimizer takes its
+foreach implementation. The step runs twice and the second is reported: optimizer
 states made by the first are alive during the second's forward, as in every step but the first.
 """
 
@@ -39,6 +40,7 @@ from diagnosis.analytic import (
     BNB_BLOCK,
     BNB_MIN_8BIT_SIZE,
     BNB_QMAP_BYTES,
+    CUDA_BLOCK_BYTES,
     CUDA_CONTEXT_BYTES,
     SRC_BNB_8BIT,
     SRC_CONTEXT,
@@ -46,9 +48,9 @@ from diagnosis.analytic import (
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from trainer.config import RunConfig
 
-# The CUDA caching allocator hands out blocks in multiples of 512 bytes (kMinBlockSize in
-# c10/cuda/CUDACachingAllocator.cpp, `round_size`); `allocated_bytes` counts the rounded sizes.
-CUDA_BLOCK_BYTES = 512
+# CUDA_BLOCK_BYTES: the CUDA caching allocator hands out blocks in multiples of 512 bytes
+# (kMinBlockSize in c10/cuda/CUDACachingAllocator.cpp, `round_size`); `allocated_bytes` counts the
+# rounded sizes. The analytic mode rounds each tensor it counts by the same constant.
 # A label only ever moves up this order: a tensor saved for backward that becomes a gradient is
 # a gradient; the logits saved by the loss stay logits.
 _RANK = {"transient": 0, "activations": 1, "logits_loss": 2, "optimizer_states": 3, "gradients": 4, "parameters": 5}
@@ -60,6 +62,10 @@ _CPU_TRACE_NOTE = (
     "memory-efficient attention, CPU autocast op lists), and workspace inside fused kernels is not seen"
 )
 _CUDA_DROPOUT_NOTE = "dropout traced as CUDA runs it: the fused kernel, keeping a 1-byte mask"
+_CUDA_SDPA_DROPOUT_NOTE = (
+    "SDPA with attention dropout traced as CUDA runs it: a fused kernel (flash or memory-efficient) draws "
+    "the dropout inside and keeps q, k, v, output and logsumexp, where the CPU falls back to the math kernel"
+)
 
 
 class TracedEstimateUnsupported(ValueError):
@@ -105,8 +111,9 @@ class LiveBytes:
         self.peaks: dict[str, dict[str, int]] = {}  # phase → breakdown at its largest total
         self.maxima = dict(self.current)
 
-    def track(self, tensor: torch.Tensor, category: str) -> int:
-        """Count `tensor`'s storage if new, raise its label to `category` if higher; its key."""
+    def track(self, tensor: torch.Tensor, category: str, *, relabel: bool = True) -> int:
+        """Count `tensor`'s storage if new, raise its label to `category` if higher (and `relabel`);
+        its key."""
         storage = tensor.untyped_storage()
         key = id(storage)
         block = self._blocks.get(key)
@@ -121,7 +128,7 @@ class LiveBytes:
         if nbytes != block.nbytes:  # resized in place
             self._add(block.category, nbytes - block.nbytes)
             block.nbytes = nbytes
-        if _RANK[category] > _RANK[block.category]:
+        if relabel and _RANK[category] > _RANK[block.category]:
             self._add(block.category, -block.nbytes)
             self._add(category, block.nbytes)
             block.category = category
@@ -192,7 +199,10 @@ class StepTracer(TorchDispatchMode):
         category = self.category()
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
-                self.live.track(leaf, category)
+                # The op that makes a storage names it. An op returning a view of an existing
+                # storage (the LM head's `view` of the final norm's output, made outside the
+                # logits region) does not rename it: only `_Observer.label` raises labels.
+                self.live.track(leaf, category, relabel=False)
         self.live.observe(self.phase)
         return out
 
@@ -666,12 +676,12 @@ def estimate_traced(cfg: RunConfig, *, device: str = "cuda") -> MemoryEstimate:
     """Peak allocated bytes of one training step of `cfg` on `device` ("cuda" or "cpu"), traced."""
     on_cuda = device.startswith("cuda")
     try:
-        with _eager_transformers(), _cuda_dropout() if on_cuda else nullcontext():
+        with _eager_transformers(), _cuda_kernels() if on_cuda else nullcontext():
             trace, notes = _trace_fake(cfg, on_cuda)
     except DataDependentOutputException:
         # An architecture that reads tensor values where the runner's inputs would have answered;
         # its tracing path needs no values, at the price of the causal mask it materialises.
-        with _cuda_dropout() if on_cuda else nullcontext():
+        with _cuda_kernels() if on_cuda else nullcontext():
             trace, notes = _trace_values_free(cfg, on_cuda)
         notes.append("traced along transformers' tracing path: it builds a causal mask the runner may skip")
     return _estimate(trace, cfg, on_cuda, notes)
@@ -727,6 +737,36 @@ def _eager_transformers() -> Iterator[None]:
 
 
 @contextmanager
+def _cuda_kernels() -> Iterator[None]:
+    """Where CUDA's kernels keep different tensors for backward than the CPU's, run CUDA's choice."""
+    with _cuda_dropout(), _cuda_sdpa_dropout():
+        yield
+
+
+@contextmanager
+def _cuda_sdpa_dropout() -> Iterator[None]:
+    """Scaled dot-product attention with dropout as CUDA runs it.
+
+    On CUDA the flash and memory-efficient kernels take `dropout_p` themselves: their filters
+    (`can_use_flash_attention`, `can_use_mem_efficient_attention` in
+    aten/src/ATen/native/transformers/cuda/sdp_utils.cpp) have no dropout check, and the kernel
+    draws the mask from a Philox seed and offset it regenerates in backward, keeping no mask. The
+    CPU's flash kernel refuses dropout (`check_for_dropout` in sdp_utils_cpp.cpp), so the CPU falls
+    back to the math kernel, which materialises and keeps b·a·s² scores, probabilities and mask.
+    What a fused kernel keeps does not depend on dropout (q, k, v, output, logsumexp; the seed and
+    offset are host scalars), so the trace runs SDPA with dropout 0 and gets the CPU's fused kernel
+    with the same saved tensors. Process-wide while tracing.
+    """
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        return original(query, key, value, attn_mask, 0.0, is_causal, **kwargs)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", fused):
+        yield
+
+
+@contextmanager
 def _cuda_dropout() -> Iterator[None]:
     """Dropout as ATen runs it on CUDA.
 
@@ -767,6 +807,7 @@ def _notes(cfg: RunConfig, on_cuda: bool) -> list[str]:
     if on_cuda:
         notes += [
             _CUDA_DROPOUT_NOTE,
+            _CUDA_SDPA_DROPOUT_NOTE,
             f"every tensor's block rounded up to {CUDA_BLOCK_BYTES} bytes as the CUDA caching allocator does; "
             "its cache and fragmentation are not modelled (allocator_overhead_bytes 0)",
             "runtime overhead is the analytic mode's CUDA context (300 MiB); cuBLAS/cuDNN workspaces and NCCL "

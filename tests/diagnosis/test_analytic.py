@@ -90,6 +90,15 @@ CALIBRATION = {
         "data.seq_len=256",
         "train.micro_batch_size=4",
     ],
+    # transformers' Adafactor upcasts a 16-bit gradient before making its states: fp32 states.
+    "llama-full-adafactor-bf16": [
+        "model.name=tiny-llama",
+        "lora=null",
+        "model.dtype=bf16",
+        "train.optimizer=adafactor",
+        "data.seq_len=128",
+        "train.micro_batch_size=1",
+    ],
     "gpt2-full-eager-ckpt-bf16-sgd": [
         "model.name=tiny-gpt2",
         "lora=null",
@@ -386,6 +395,39 @@ def test_cuda_dropout_masks_are_bytes_and_cpu_masks_are_floats():
     tokens, h, a = 2 * 512, 768, 12
     # fp32 model: two hidden-size masks and one b·a·s² mask per layer shrink from 4 bytes to 1.
     assert cpu - cuda == 3 * (2 * tokens * h + a * 2 * 512 * 512)
+
+
+def _cuda_block(nbytes: int) -> int:
+    """c10/cuda/CUDACachingAllocator.cpp round_size(): a multiple of kMinBlockSize, 512 bytes."""
+    return -(-nbytes // 512) * 512
+
+
+def test_cuda_rounds_every_tensor_to_the_caching_allocators_512_byte_blocks():
+    """The CUDA caching allocator rounds each allocation up to 512 bytes and max_memory_allocated
+    counts the rounded sizes: the many small tensors of a model (norms, Adafactor's factored
+    states and RMS scalars) cost more than their bytes. Shapes are the real model's."""
+    import torch
+
+    from trainer.models import build_model
+
+    cfg = config(model={"name": "tiny-llama"}, lora=None, train={"optimizer": "adafactor"})
+    params = list(build_model(cfg.model, None, torch.device("meta")).model.parameters())
+
+    def adafactor_states(param, block) -> int:
+        # transformers Adafactor, fp32: row and column second moments of a matrix, the whole
+        # second moment of a vector, and a 0-dim RMS.
+        cells = list(param.shape) if param.dim() == 2 else [param.numel()]
+        return sum(block(4 * n) for n in cells) + block(4)
+
+    cuda, cpu = estimate_analytic(cfg, device="cuda"), estimate_analytic(cfg, device="cpu")
+    assert cuda.totals["parameters"] == cuda.totals["gradients"] == sum(_cuda_block(p.nbytes) for p in params)
+    assert cuda.totals["optimizer_states"] == sum(adafactor_states(p, _cuda_block) for p in params)
+    assert cpu.totals["optimizer_states"] == sum(adafactor_states(p, lambda nbytes: nbytes) for p in params)
+    assert cuda.totals["optimizer_states"] > 2 * cpu.totals["optimizer_states"]
+    assert all(value % 512 == 0 for value in (*cuda.breakdown.values(), cuda.totals["saved_for_backward"]))
+    assert any("512 bytes" in note for note in cuda.notes)
+    assert any("CUDACachingAllocator" in term.source for term in cuda.terms)
+    assert not any("CUDACachingAllocator" in term.source for term in cpu.terms)
 
 
 # --- the result itself -------------------------------------------------------------------------------

@@ -212,6 +212,35 @@ def test_cuda_rounds_every_block_to_512_bytes():
     assert cuda_block_bytes(0) == 0 and cuda_block_bytes(1) == 512 and cuda_block_bytes(513) == 1024
 
 
+def test_the_lm_heads_input_is_an_activation_not_logits():
+    """The final norm's output is made before the LM head, which saves it: an activation. The head
+    only views it (an `aten.view` inside the logits region), and a view must not relabel it."""
+    estimate = traced("llama-full-bf16-sgd-accum2")
+    batch, seq, vocab = 2, 128, 1024
+    loss_saved = batch * seq * vocab * 4 + batch * seq * 8 + 4  # log-softmax output, shifted labels, total weight
+    # All else this full fine-tune's forward saves (saved_for_backward, the runner's own figure
+    # above) is activations, the head's input (batch x seq x hidden x 2 B) included.
+    assert estimate.totals["activations"] == estimate.totals["saved_for_backward"] - loss_saved
+
+
+def test_cuda_sdpa_draws_attention_dropout_inside_the_fused_kernel(tmp_path):
+    """GPT-2 has attention dropout 0.1. CUDA's flash and memory-efficient kernels take dropout
+    (sdp_utils.cpp has no dropout filter for them) and keep what they keep without it; the CPU's
+    flash kernel refuses dropout, and the math fallback keeps b·a·s² scores, probabilities and mask."""
+    config = hf_config("tiny-gpt2")
+    config.attn_pdrop = 0.0
+    config.to_json_file(str(tmp_path / "config.json"))
+    sections = AGREEMENT_CASES["gpt2-lora-sdpa"]
+    without_dropout = estimate_traced(make_config({**sections, "model": {"name": str(tmp_path)}}), device="cuda")
+    cuda, cpu = traced("gpt2-lora-sdpa", "cuda"), traced("gpt2-lora-sdpa")
+    assert cuda.totals["saved_for_backward"] == without_dropout.totals["saved_for_backward"]
+    assert cuda.peak_allocated_bytes == without_dropout.peak_allocated_bytes
+    assert any("SDPA with attention dropout" in note for note in cuda.notes)
+    # The CPU keeps at least fp32 scores and probabilities of batch 2 x 4 heads x 512² in both layers.
+    square = 2 * 4 * 512 * 512 * 4
+    assert cpu.totals["saved_for_backward"] - cuda.totals["saved_for_backward"] > 2 * 2 * square
+
+
 def test_transformers_tracing_path_is_the_fallback(monkeypatch):
     """Without the packed-sequence answer, transformers reads a fake tensor's values; the trace
     falls back to its tracing path, which materialises the causal mask and repeats K/V for GQA."""
