@@ -48,6 +48,7 @@ class LayerProfiler:
 
     def start(self, step: int) -> None:
         self._step = step
+        self._where.detail(True)  # per-module bytes down to the projections, on this step only
         self._activations.per_module = {}
         self._activations.attribute_to = lambda: self._where.module
         if self._allocated_now is not None:
@@ -100,6 +101,7 @@ class LayerProfiler:
             self._where.listeners.remove(self._on_boundary)
         self._open.clear()
         self._step = None
+        self._where.detail(False)
         return self.last_profile
 
     @property

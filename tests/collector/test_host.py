@@ -7,6 +7,7 @@ import time
 
 import psutil
 
+from collector import host
 from collector.host import HostProbe
 
 MIB = 1024**2
@@ -35,7 +36,8 @@ def test_peak_rss_follows_a_real_allocation():
     assert second.peak_rss_bytes >= first.rss_bytes + 50 * MIB
 
 
-def test_cpu_percent_reflects_work_since_previous_sample():
+def test_cpu_percent_reflects_work_since_previous_sample(monkeypatch):
+    monkeypatch.setattr(host, "CPU_PERCENT_EVERY", 1)
     probe = HostProbe()
     probe.sample()
     deadline = time.process_time() + 0.2
@@ -56,3 +58,17 @@ def test_failing_field_reads_none_and_is_logged_once(caplog, monkeypatch):
     assert all(r.rss_bytes is None for r in readings)
     assert all(r.peak_rss_bytes is not None for r in readings)
     assert len([r for r in caplog.records if r.name == "collector.host"]) == 1
+
+
+def test_cpu_percent_is_read_every_nth_sample_and_carried_between(monkeypatch):
+    reads = []
+
+    def cpu_percent(interval=None):
+        reads.append(interval)
+        return float(len(reads))
+
+    probe = HostProbe()
+    monkeypatch.setattr(probe._process, "cpu_percent", cpu_percent)
+    values = [probe.sample().cpu_percent for _ in range(2 * host.CPU_PERCENT_EVERY + 1)]
+    assert len(reads) == 3 and reads == [None, None, None]
+    assert values == [1.0] * host.CPU_PERCENT_EVERY + [2.0] * host.CPU_PERCENT_EVERY + [3.0]

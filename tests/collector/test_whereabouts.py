@@ -20,10 +20,12 @@ def test_display_names_drop_wrappers():
     assert display_name("_orig_mod.model.norm") == "model.norm"
 
 
-def test_a_failure_in_forward_leaves_the_failing_module_on_top():
+@pytest.mark.parametrize("detail", [False, True])
+def test_a_failure_in_forward_leaves_the_failing_module_on_top(detail):
     model = tiny_llama()
     where = Whereabouts()
     where.track_modules(model)
+    where.detail(detail)  # projections are followed on profiled steps only
 
     def fail(*args, **kwargs):
         raise MemoryError("simulated")
@@ -35,8 +37,12 @@ def test_a_failure_in_forward_leaves_the_failing_module_on_top():
         model(input_ids=torch.randint(0, 128, (1, 16)))
     position = where.position()
     assert (position.step, position.micro_batch, position.phase) == (7, 2, "forward")
-    assert position.module == "model.layers.1.mlp.down_proj"
-    assert position.module_stack == ("model", "model.layers.1", "model.layers.1.mlp", "model.layers.1.mlp.down_proj")
+    blocks = ("model", "model.layers.1", "model.layers.1.mlp")
+    if detail:
+        assert position.module == "model.layers.1.mlp.down_proj"
+        assert position.module_stack == (*blocks, "model.layers.1.mlp.down_proj")
+    else:
+        assert position.module == "model.layers.1.mlp" and position.module_stack == blocks
     assert position.batch_shape == {"batch_size": 1, "seq_len": 16}
 
 
@@ -73,3 +79,18 @@ def test_removed_hooks_stop_tracking():
     where.enter("forward")
     model(input_ids=torch.randint(0, 128, (1, 8)))
     assert where.module_stack() == ()
+
+
+def test_detail_adds_and_removes_the_deep_hooks():
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+    down_proj = model.model.layers[0].mlp.down_proj
+    assert not down_proj._forward_pre_hooks
+    where.detail(True)
+    where.detail(True)  # idempotent: one pair of hooks, not two
+    assert len(down_proj._forward_pre_hooks) == 1 and len(down_proj._forward_hooks) == 1
+    where.detail(False)
+    assert not down_proj._forward_pre_hooks and not down_proj._forward_hooks
+    where.remove()
+    assert not model.model.layers[0].mlp._forward_pre_hooks
