@@ -192,12 +192,13 @@ def layers_chart(layers: Sequence[LayerRecord], failed_module: str | None) -> al
             color=alt.condition(alt.datum.failed, alt.value(_OOM_COLOR), alt.value("#4c78a8")),
             tooltip=[alt.Tooltip("module:N"), alt.Tooltip("activations:Q", title=unit.name, format=unit.format)],
         )
-        .properties(title="Activation memory by module", height=max(120, 22 * len(layers)))
+        .properties(title="Activation memory by module", height=alt.Step(22))
     )
 
 
 def _step_x() -> alt.X:
-    return alt.X("step:Q", title="step", axis=alt.Axis(format=",d"), scale=alt.Scale(zero=False))
+    # tickMinStep: a two-step run would otherwise label fractional ticks "1 1 1 … 2".
+    return alt.X("step:Q", title="step", axis=alt.Axis(format=",d", tickMinStep=1), scale=alt.Scale(zero=False))
 
 
 def _bands(frame: pd.DataFrame, x: alt.X, y_title: str, fmt: str, downsampled: bool) -> list[alt.Chart]:
@@ -250,3 +251,73 @@ def _rules(markers: pd.DataFrame) -> list[alt.Chart]:
             rule = alt.Chart(subset).mark_rule(color=color, strokeDash=dash, size=2)
             rules.append(rule.encode(x=alt.X("step:Q"), tooltip=[alt.Tooltip("what:N", title="event")]))
     return rules
+
+
+def overlay_frame(series_by_run: Mapping[str, StepSeries], column: str, scale: float = 1.0) -> pd.DataFrame:
+    """One column of several runs in long form (step, run, value): each bucket's maximum, as the Run page draws."""
+    rows = [
+        (series.first_step[i], label, high / scale)
+        for label, series in series_by_run.items()
+        for i, high in enumerate(series.maximum.get(column, ()))
+        if high is not None
+    ]
+    return pd.DataFrame(rows, columns=["step", "run", "value"])
+
+
+def runs_over_steps(
+    series_by_run: Mapping[str, StepSeries],
+    column: str,
+    title: str,
+    *,
+    y_title: str | None = None,
+    died: Mapping[str, int] | None = None,
+) -> alt.Chart | alt.LayerChart:
+    """One column of several runs in one chart coloured by run; bytes (no y_title) on a MiB/GiB axis.
+
+    `died` maps a run to the step it ran out of memory in, drawn as a rule in the run's colour.
+    """
+    if y_title is None:
+        values = [v for series in series_by_run.values() for v in series.maximum.get(column, ()) if v is not None]
+        unit = byte_unit(max(values) if values else None)
+        frame, y_title, fmt = overlay_frame(series_by_run, column, unit.size), unit.name, unit.format
+    else:
+        frame, fmt = overlay_frame(series_by_run, column), ",.3~f"
+    order = list(series_by_run)
+    # A categorical scheme: the theme's default palette gives two runs two shades of one blue.
+    color = alt.Color("run:N", sort=order, scale=alt.Scale(domain=order, scheme="tableau10"), legend=_LEGEND)
+    tooltip = [
+        alt.Tooltip("run:N"),
+        alt.Tooltip("step:Q", format=","),
+        alt.Tooltip("value:Q", title=y_title, format=fmt),
+    ]
+    y = alt.Y("value:Q", title=y_title, axis=alt.Axis(format=fmt))
+    layers = [alt.Chart(frame).mark_line(point=len(frame) < 60).encode(x=_step_x(), y=y, color=color, tooltip=tooltip)]
+    if died:
+        rules = pd.DataFrame(
+            [(label, step, f"{label} ran out of memory at step {step}") for label, step in died.items()],
+            columns=["run", "step", "what"],
+        )
+        layers.append(
+            alt.Chart(rules)
+            .mark_rule(strokeDash=[4, 3], size=2)
+            .encode(x=alt.X("step:Q"), color=color, tooltip=[alt.Tooltip("what:N", title="event")])
+        )
+    return _layered(layers, title, _HEIGHT)
+
+
+def breakdown_chart(parts: Mapping[str, int], title: str) -> alt.Chart:
+    """What held memory at one moment, a bar per part, on a MiB/GiB axis."""
+    unit = byte_unit(max(parts.values(), default=None))
+    order = list(parts)
+    frame = pd.DataFrame({"part": order, "size": [value / unit.size for value in parts.values()]})
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            y=alt.Y("part:N", sort=order, title=None),
+            x=alt.X("size:Q", title=unit.name, axis=alt.Axis(format=unit.format)),
+            color=alt.Color("part:N", sort=order, legend=None),
+            tooltip=[alt.Tooltip("part:N", title="what"), alt.Tooltip("size:Q", title=unit.name, format=unit.format)],
+        )
+        .properties(title=title, height=alt.Step(28))
+    )

@@ -7,7 +7,9 @@ URL is an argument because Streamlit keys its caches by the arguments.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import streamlit as st
 from sqlalchemy import Engine, make_url
@@ -23,6 +25,7 @@ from db.queries import (
     StepRecord,
     StepSeries,
 )
+from diagnosis.suggest import Suggestion, cached_bytes, evidence_for_run, shortfall_bytes, suggest
 
 # Under the live page's refresh period (app/screens/run.py), so each refresh reads fresh rows.
 TTL_S = 1.0
@@ -107,6 +110,31 @@ def top_layers(url: str, run_id: int, limit: int = 15) -> list[LayerRecord]:
     return queries.top_layers(engine(url), run_id, limit)
 
 
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def oom_runs(url: str) -> list[RunRecord]:
+    """Runs that ran out of memory, newest first."""
+    return queries.list_runs(engine(url), status="oom")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A post-mortem read by diagnosis.suggest: ranked fixes and the two figures the page headlines."""
+
+    fixes: list[Suggestion]
+    cached_bytes: int | None
+    shortfall_bytes: int | None
+
+
+@st.cache_data(ttl=TTL_S * 30, show_spinner=False)
+def diagnosis(url: str, run_id: int) -> Diagnosis | None:
+    """Worth caching longer than rows: a post-mortem never changes, and the estimator what-ifs take ~0.2 s."""
+    run, postmortem = queries.get_run(engine(url), run_id), queries.get_postmortem(engine(url), run_id)
+    if run is None or postmortem is None:
+        return None
+    evidence = evidence_for_run(dataclasses.asdict(postmortem), run.config, run.environment)
+    return Diagnosis(suggest(evidence), cached_bytes(evidence), shortfall_bytes(evidence))
+
+
 _CACHED: tuple[Callable, ...] = (
     runs,
     run,
@@ -118,6 +146,8 @@ _CACHED: tuple[Callable, ...] = (
     device_series,
     postmortem,
     top_layers,
+    oom_runs,
+    diagnosis,
 )
 
 

@@ -15,5 +15,10 @@ class PageSpec:
 
 RUNS = PageSpec("screens/runs.py", "Runs", "runs", ":material/list:")
 RUN = PageSpec("screens/run.py", "Run", "run", ":material/monitoring:")
+LAUNCH = PageSpec("screens/launch.py", "Launch", "launch", ":material/rocket_launch:")
+POSTMORTEMS = PageSpec("screens/postmortems.py", "Post-mortems", "postmortems", ":material/memory:")
+COMPARE = PageSpec("screens/compare.py", "Compare", "compare", ":material/compare_arrows:")
+DIAGNOSE = PageSpec("screens/diagnose.py", "Diagnose", "diagnose", ":material/troubleshoot:")
+PLAN = PageSpec("screens/plan.py", "Plan", "plan", ":material/calculate:")
 # In menu order; the first is the landing page.
-PAGES = (RUNS, RUN)
+PAGES = (RUNS, RUN, LAUNCH, POSTMORTEMS, COMPARE, DIAGNOSE, PLAN)

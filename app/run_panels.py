@@ -26,6 +26,16 @@ def show(url: str, run: RunRecord) -> None:
                 draw_tab(url, run)
 
 
+def memory_timeline(url: str, run: RunRecord) -> None:
+    """The Memory tab alone, for pages about one moment of a run (a post-mortem) that want its history."""
+    _memory(url, run)
+
+
+def layer_profile(url: str, run: RunRecord) -> None:
+    """The Layers tab alone: the failing module in red when the run has a post-mortem."""
+    _layers(url, run)
+
+
 def _has_steps(run: RunRecord, series: StepSeries) -> bool:
     if len(series):
         return True

@@ -55,7 +55,16 @@ def _header(run: RunRecord, facts: RunFacts) -> None:
     status = facts.status
     st.badge(status, icon=badge_icon(status), color=badge_color(status), help=meaning(status))
     if run.parent_run_id is not None:
-        st.page_link(nav.RUN.path, label=f"re-run of run {run.parent_run_id}", query_params={"run": run.parent_run_id})
+        parent, compare = st.columns(2)
+        parent.page_link(
+            nav.RUN.path, label=f"re-run of run {run.parent_run_id}", query_params={"run": run.parent_run_id}
+        )
+        compare.page_link(
+            nav.COMPARE.path,
+            label=f"Compare with run {run.parent_run_id}",
+            icon=nav.COMPARE.icon,
+            query_params={"run": run.id},
+        )
     model, device, steps, speed, clock = st.columns([2, 3, 2, 2, 2])
     model.metric("Model", facts.model)
     device.metric("Device", facts.device)
@@ -127,6 +136,12 @@ def _oom(url: str, run: RunRecord) -> None:
     at_failure = tensors_at_failure(postmortem)
     if at_failure:
         st.markdown(at_failure)
+    st.page_link(
+        nav.POSTMORTEMS.path,
+        label="Post-mortem: what held the memory, and the fixes ranked",
+        icon=nav.POSTMORTEMS.icon,
+        query_params={"run": run.id},
+    )
     st.caption(f"The full post-mortem: `.venv/bin/python -m trainer postmortem {run.id}`")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from collector.readings import (
     TensorBreakdown,
 )
 from db import open_engine
+from db.queries import RunRecord, get_run
 from db.writes import create_run, end_run, record_postmortem, update_run, write_records
 
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
@@ -204,3 +207,17 @@ def add_finished(engine: Engine, status: str, *, steps: int = 5, cuda: bool = Fa
     else:
         end_run(engine, run_id, status, **end)
     return run_id
+
+
+def wait_for_end(engine: Engine, run_id: int, timeout_s: float = 180.0) -> RunRecord:
+    """Poll until a trainer the page started has ended; on a timeout stop its worker, so no test leaves one behind."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = get_run(engine, run_id)
+        if run is not None and run.status != "running":
+            return run
+        if time.monotonic() > deadline:
+            if run is not None and run.pid is not None:
+                os.kill(run.pid, signal.SIGTERM)
+            pytest.fail(f"run {run_id} still running after {timeout_s:.0f} s")
+        time.sleep(0.25)

@@ -1,0 +1,148 @@
+"""The Plan page: the estimate a user asks for before renting a GPU, checked against diagnosis's own answers."""
+
+from __future__ import annotations
+
+import json
+
+from app import nav
+from app.views import plan as view
+from diagnosis.analytic import estimate_analytic
+from diagnosis.architecture import preset_config_dict
+from diagnosis.fit import largest_fitting
+from diagnosis.gpus import gpu_capacity_bytes
+from diagnosis.units import GIB, human_bytes
+from tests.app.conftest import open_page, texts
+from trainer.config import validate_config
+
+
+def plan():
+    return open_page(nav.PLAN)
+
+
+def metrics(app) -> dict[str, str]:
+    return {metric.label: metric.value for metric in app.metric}
+
+
+def knobs(**changes):
+    return {**view.DEFAULTS, **changes}
+
+
+def test_a_preset_on_a_card_shows_the_peak_its_parts_the_margin_and_what_fits():
+    cfg = validate_config(view.config_from_knobs(view.DEFAULTS, "llama-3-8b"))
+    estimate = estimate_analytic(cfg)
+    capacity = gpu_capacity_bytes("A100 80GB")
+
+    app = plan()
+
+    assert not app.exception
+    assert not app.error
+    shown = metrics(app)
+    assert shown["Peak allocated"] == human_bytes(estimate.peak_allocated_bytes)
+    assert shown["Peak reserved"] == human_bytes(estimate.peak_reserved_bytes)
+    assert shown["Device"] == human_bytes(estimate.device_bytes)
+    assert shown["A100 80GB"] == human_bytes(capacity)
+    assert app.success[0].value.startswith(f"Fits, with {human_bytes(capacity - estimate.device_bytes)} to spare")
+    longest = largest_fitting(cfg, capacity, "data.seq_len").value
+    assert shown["Longest seq_len at micro-batch 1"] == f"{longest:,} tokens"
+    table = app.dataframe[1].value
+    assert list(table["Setting"])[:3] == ["as is", "+ gradient checkpointing", "+ sdpa attention"]
+    assert len(app.get("vega_lite_chart")) == 1
+    assert any(caption.value.startswith("Note: ") for caption in app.caption)  # the estimate's own notes
+    assert not app.button(key="plan.traced").disabled
+
+
+def test_scenario_two_the_longest_sequence_on_32_gb_with_r16_and_checkpointing_and_alpha_changes_nothing():
+    app = plan()
+    app.selectbox(key="plan.model.name").set_value("qwen2-7b")
+    app.selectbox(key="plan.gpu").set_value(view.CUSTOM_GPU).run()
+    app.number_input(key="plan.capacity_gib").set_value(32.0)
+    app.number_input(key="plan.lora.r").set_value(16)
+    app.toggle(key="plan.model.gradient_checkpointing").set_value(True).run()
+
+    assert not app.exception
+    cfg = validate_config(
+        view.config_from_knobs(knobs(**{"model.gradient_checkpointing": True, "lora.r": 16}), "qwen2-7b")
+    )
+    longest = largest_fitting(cfg, 32 * GIB, "data.seq_len").value
+    before = metrics(app)
+    assert before["Longest seq_len at micro-batch 1"] == f"{longest:,} tokens"
+    assert before["a 32 GiB card"] == "32.0 GiB"
+
+    app.number_input(key="plan.lora.alpha").set_value(64.0).run()
+
+    assert metrics(app) == before  # every figure, to the digit
+    shown = texts(app)
+    assert "`lora.alpha` changes no memory: the estimate at alpha = 64 and at alpha = 128 is the same" in shown
+    assert "Halving r to 8 would save " in shown and " MiB." in shown.split("Halving r to 8 would save ")[1][:20]
+
+
+def test_a_model_too_big_for_the_card_says_by_how_much():
+    app = plan()
+    app.selectbox(key="plan.model.name").set_value("llama-2-70b")
+    app.toggle(key="plan.lora_on").set_value(False).run()
+
+    assert not app.exception
+    cfg = validate_config(view.config_from_knobs(knobs(lora_on=False), "llama-2-70b"))
+    over = estimate_analytic(cfg).device_bytes - gpu_capacity_bytes("A100 80GB")
+    [verdict] = app.error
+    assert verdict.value.startswith(f"Does not fit: {human_bytes(over)} over the card")
+    assert "Full fine-tuning: every weight has a gradient and optimizer states." in texts(app)
+
+
+def test_an_uploaded_config_json_is_estimated_like_the_same_architecture():
+    app = plan()
+    app.radio(key="plan.model_kind").set_value("upload").run()
+    assert "Upload the model's `config.json`" in app.info[0].value
+    content = json.dumps(preset_config_dict("qwen2.5-0.5b")).encode()
+
+    app.file_uploader(key="plan.config_json").upload("config.json", content, "application/json").run()
+
+    assert not app.exception
+    assert not app.error
+    assert "`config.json`: a qwen2 decoder, 24 layers, 0.49B parameters." in texts(app)
+    same = validate_config(view.config_from_knobs(view.DEFAULTS, "qwen2.5-0.5b"))
+    assert metrics(app)["Device"] == human_bytes(estimate_analytic(same).device_bytes)
+
+
+def test_an_upload_that_is_not_a_readable_config_json_says_why():
+    for content, expected in (
+        (b"\x89PNG not json", "Not a JSON file"),
+        (b"[1, 2]", "This JSON is not an object"),
+        (json.dumps({"model_type": "t5", "d_model": 512}).encode(), "Cannot estimate this model: model_type 't5'"),
+        (json.dumps({"model_type": "llama"}).encode(), "Cannot estimate this model: cannot read a llama decoder shape"),
+    ):
+        app = plan()
+        app.radio(key="plan.model_kind").set_value("upload").run()
+        app.file_uploader(key="plan.config_json").upload("config.json", content, "application/json").run()
+
+        assert not app.exception
+        [error] = app.error
+        assert error.value.startswith(f"`config.json`: {expected}")
+        assert not app.metric
+
+
+def test_knobs_that_contradict_each_other_are_messages_naming_the_knob():
+    app = plan()
+    app.selectbox(key="plan.model.quantization").set_value("nf4")
+    app.toggle(key="plan.lora_on").set_value(False)
+    app.selectbox(key="plan.deepspeed.offload_params").set_value("cpu")
+    app.selectbox(key="plan.train.mixed_precision").set_value("fp16").run()
+
+    assert not app.exception
+    errors = [element.value for element in app.error]
+    assert any(error.startswith("`model.quantization`: nf4 base weights cannot be trained in full") for error in errors)
+    assert "`deepspeed.offload_params`: needs deepspeed.zero_stage 3" in errors
+    assert any(error.startswith("`train.mixed_precision`: fp16 autocast needs fp32 weights") for error in errors)
+    assert not app.metric  # no estimate of a config that does not exist
+    assert "Pick a model and a card" in app.info[0].value
+
+
+def test_the_traced_estimate_explains_a_config_it_cannot_trace():
+    app = plan()
+    app.selectbox(key="plan.model.quantization").set_value("nf4").run()
+
+    app.button(key="plan.traced").click().run()
+
+    assert not app.exception
+    [warning] = app.warning
+    assert warning.value.startswith("The traced estimate cannot model this config: model.quantization nf4")
