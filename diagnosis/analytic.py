@@ -5,9 +5,10 @@ It models the step the runner takes (`trainer/loop.py`): forward with labels, lo
 what they do. Activations are not a fitted constant per token: a decoder layer is walked op by op
 (norm, projections, rotary, attention kernel, MLP, LoRA branches, dropout) with autograd's rule for
 what each op keeps for backward, which tensors require grad (a frozen base keeps nothing for its
-weight gradient), dtype casts (autocast copies, fp32 norms, peft's fp32 adapters) and shared
-storages (q/k/v views of one fused projection are one storage). `ActivationCounter` in the runner
-counts the same storages with saved-tensor hooks, so the two agree to the byte on the CPU
+weight gradient), dtype casts (autocast copies, fp32 norms, peft's fp32 adapters, the fp32 hidden
+states of a quantised base after peft's prepare_model_for_kbit_training) and shared storages (q/k/v
+views of one fused projection are one storage). `ActivationCounter` in the runner counts the same
+storages with saved-tensor hooks, so the two agree to the byte on the CPU
 (tests/diagnosis/test_analytic.py).
 
 The peak is the largest of a few moments of a steady-state step (optimizer states exist):
@@ -24,6 +25,7 @@ kernels' private workspaces.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -52,6 +54,18 @@ SRC_BNB_8BIT = "Dettmers et al., 8-bit Optimizers via Block-wise Quantization (I
 SRC_ADAFACTOR = "Shazeer & Stern, Adafactor (ICML'18); transformers.optimization.Adafactor (factored second moment)"
 SRC_QLORA = "Dettmers et al., QLoRA (2023) §3: NF4 with blocksize 64, double quantization"
 SRC_INT8 = "Dettmers et al., LLM.int8() (2022); bitsandbytes Int8Params: int8 weight + fp32 row scale"
+SRC_PEFT_KBIT = (
+    "peft 0.21 utils/other.py prepare_model_for_kbit_training: freezes all parameters, casts every fp16/bf16 "
+    "parameter that is not Params4bit to fp32 (param.data.to(torch.float32))"
+)
+SRC_PEFT_KBIT_ACTS = (
+    "after prepare_model_for_kbit_training the embedding output, norms, residual stream and the bitsandbytes "
+    "linears' outputs (cast back to their input's dtype) are fp32"
+)
+SRC_EAGER_MASK = (
+    "transformers eager_attention_forward: attn_weights + attention_mask, the mask built in the hidden states' "
+    "dtype (masking_utils); torch type promotion makes 16-bit scores + fp32 mask fp32 before softmax"
+)
 SRC_BNB_MATMUL = "bitsandbytes autograd: MatMul4Bit keeps only the packed weight; MatMul8bitLt keeps its input A"
 SRC_FLASH = "Dao et al., FlashAttention (2022): keeps output + logsumexp, recomputes scores in backward"
 SRC_CHECKPOINT = "torch.utils.checkpoint (non-reentrant): keeps each layer's input, recomputes it in backward"
@@ -95,6 +109,9 @@ class _Run:
     lora_dropout: float
     lora_dtype: str
     quantization: str
+    # peft.prepare_model_for_kbit_training ran on the quantised base: the dense weights (embeddings,
+    # norms, lm_head, biases) are fp32, so param_dtype is fp32 for everything the walk sees.
+    kbit_prepared: bool
     optimizer: str
     weight_decay: float
     accum: int
@@ -134,7 +151,10 @@ def _attention_kernel(cfg: RunConfig, shape: ModelShape, device: str) -> str:
 
 def _resolve(cfg: RunConfig, shape: ModelShape, device: str) -> _Run:
     lora = cfg.lora
-    param_dtype = cfg.model.dtype
+    kbit_prepared = cfg.model.quantization != "none" and cfg.model.prepare_for_kbit_training
+    # The dtype of the weights outside the quantised linears, which the hidden states take from the
+    # embedding on: prepare_model_for_kbit_training makes them fp32 (SRC_PEFT_KBIT).
+    param_dtype = "fp32" if kbit_prepared else cfg.model.dtype
     # peft keeps adapters of a 16-bit (or quantised) base in fp32 (autocast_adapter_dtype=True).
     lora_dtype = "fp32" if param_dtype != "fp32" or cfg.model.quantization != "none" else param_dtype
     return _Run(
@@ -152,6 +172,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str) -> _Run:
         lora_dropout=lora.dropout if lora else 0.0,
         lora_dtype=lora_dtype,
         quantization=cfg.model.quantization,
+        kbit_prepared=kbit_prepared,
         optimizer=cfg.train.optimizer,
         weight_decay=cfg.train.weight_decay,
         accum=cfg.train.grad_accum_steps,
@@ -408,7 +429,7 @@ def _scores_attention(tr: _Trace, q: _T, k: _T, v: _T) -> _T:
             soft = tr.new(square, scores.dtype, scores.grad)
             if soft.grad:
                 tr.save(soft)
-        probs = tr.new(square, "fp32" if _fp32_softmax(run) else scores.dtype, scores.grad)
+        probs = tr.new(square, _softmax_dtype(run) if run.attention == "eager" else scores.dtype, scores.grad)
         if probs.grad:
             tr.save(probs)  # softmax keeps its output
         probs = tr.dropout(tr.cast(probs, qa.dtype), s.attention_dropout)  # .to(query.dtype)
@@ -420,9 +441,20 @@ def _scores_attention(tr: _Trace, q: _T, k: _T, v: _T) -> _T:
     return tr.new(q.numel, q.dtype if run.attention == "sdpa_math" else out.dtype, out.grad)
 
 
-def _fp32_softmax(run: _Run) -> bool:
-    """transformers' eager attention runs softmax(dtype=float32) except in GPT-2."""
-    return run.attention == "eager" and run.shape.model_type != "gpt2"
+def _softmax_dtype(run: _Run) -> str:
+    """The dtype eager attention's softmax computes in and keeps its output in.
+
+    transformers' eager attention runs softmax(dtype=float32) in every family but GPT-2. GPT-2's
+    softmax keeps its input's dtype, but that input is the scores plus the causal mask, which is
+    built in the hidden states' dtype (the parameters'): under autocast of an fp32 model the
+    16-bit scores are promoted to fp32 by the addition, and softmax keeps an fp32 output
+    (SRC_EAGER_MASK). Other kernels: the compute dtype.
+    """
+    if run.attention != "eager":
+        return run.compute_dtype
+    if run.shape.model_type != "gpt2":
+        return "fp32"
+    return _promote(run.compute_dtype, run.param_dtype)
 
 
 def _attention(tr: _Trace, x: _T, roles: dict[str, LinearShape]) -> _T:
@@ -693,8 +725,9 @@ def _parameter_terms(run: _Run) -> list[Term]:
             Term(
                 f"parameters, embeddings/norms/head ({run.param_dtype})",
                 rest_bytes,
-                f"{rest:,} × {size} B{rounded}",
-                _source(run, SRC_QLORA),
+                f"{rest:,} × {size} B{rounded}"
+                + (", cast by prepare_model_for_kbit_training" if run.kbit_prepared else ""),
+                _source(run, SRC_PEFT_KBIT if run.kbit_prepared else SRC_QLORA),
             )
         )
     if not run.full_ft:
@@ -829,7 +862,7 @@ def _layer_transients(run: _Run, acts: _Activations) -> tuple[int, int]:
     s, cd, block = run.shape, ITEMSIZE[run.compute_dtype], run.block
     square = run.batch * s.num_heads * run.seq * run.seq
     wide = block(run.tokens * s.intermediate_size * cd)
-    softmax = 4 if _fp32_softmax(run) else cd
+    softmax = ITEMSIZE[_softmax_dtype(run)]
     if run.attention in ("eager", "sdpa_math"):
         kept_squares = acts.layer_tags.get("attention scores", 0)
         # Before softmax: scores and their scaled copy; at softmax: the masked scores, their fp32
@@ -982,7 +1015,8 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
     what = "layer 0 (input needs no grad under LoRA)" if not run.full_ft else "layer 0"
     terms.append(Term(f"activations: {what}", acts.first_layer, "walked op by op", SRC_MEASURED))
     sources = {
-        "attention scores": f"{SRC_KORTHIKANTI} (the 5·a·s²·b term)",
+        "attention scores": f"{SRC_KORTHIKANTI} (the 5·a·s²·b term)"
+        + (f"; {SRC_EAGER_MASK}" if run.attention == "eager" and run.shape.model_type == "gpt2" else ""),
         "attention": SRC_FLASH if run.attention in ("sdpa", "flash") else SRC_KORTHIKANTI,
         "lora": f"{SRC_LORA}; {SRC_PEFT_DTYPE}" + (f"; {SRC_DROPOUT}" if run.lora_dropout else ""),
         "autocast weight copies": SRC_AUTOCAST,
@@ -995,6 +1029,9 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
         source = sources.get(tag, SRC_MEASURED)
         terms.append(Term(f"activations per layer: {tag}", size * (layers - 1), f"{layers - 1} × {size:,} B", source))
     terms.append(Term("activations: final norm and lm_head input", acts.head, "walked op by op", SRC_MEASURED))
+    if run.kbit_prepared:
+        # The hidden states take the fp32 of the embedding and norm weights: every term above is walked in it.
+        terms = [Term(t.name, t.bytes, t.formula, f"{t.source}; {SRC_PEFT_KBIT_ACTS}") for t in terms]
     return terms
 
 
@@ -1046,6 +1083,26 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
     if cfg.train.optimizer.startswith("paged"):
         notes.append("paged optimizer states live in CUDA unified memory: counted only during optimizer.step()")
     return notes
+
+
+def _kbit_note(run: _Run, cfg: RunConfig, acts: _Activations) -> str | None:
+    """What prepare_model_for_kbit_training costs over keeping the dense weights in model.dtype."""
+    if not run.kbit_prepared or cfg.model.dtype == "fp32":
+        return None
+    s = run.shape
+    plain = dataclasses.replace(run, param_dtype=cfg.model.dtype, kbit_prepared=False)
+    activations = acts.total(s.num_layers) - _walk(plain).total(s.num_layers)
+    linears = [linear.d_in * linear.d_out for linear in s.linear_layers() * s.num_layers]
+    dense = [t.numel for t in _all_tensors(s)]
+    weights = (run.blocks(dense, 4) - run.blocks(linears, 4)) - (
+        run.blocks(dense, ITEMSIZE[cfg.model.dtype]) - run.blocks(linears, ITEMSIZE[cfg.model.dtype])
+    )
+    return (
+        "model.prepare_for_kbit_training: peft.prepare_model_for_kbit_training casts the non-quantised weights "
+        f"(embeddings, norms, lm_head) from {cfg.model.dtype} to fp32 (+{weights / BYTES_PER_MIB:,.0f} MiB), and "
+        f"the hidden states between the quantised matmuls follow them (activations +{activations / BYTES_PER_MIB:,.0f} "
+        "MiB); set it false for training code that does not call it (litgpt; TRL skips it for sharded QLoRA)"
+    )
 
 
 def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape | None = None) -> MemoryEstimate:
@@ -1111,5 +1168,5 @@ def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape
         },
         per_layer_activation_bytes=acts.per_layer or acts.first_layer,
         terms=tuple(terms),
-        notes=tuple(_notes(run, cfg, run.device)),
+        notes=tuple(note for note in (*_notes(run, cfg, run.device), _kbit_note(run, cfg, acts)) if note),
     )

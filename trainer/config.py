@@ -54,6 +54,10 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
     # Base weights quantised by bitsandbytes (QLoRA: nf4 with LoRA adapters); CUDA only.
     quantization: Literal["none", "nf4", "int8"] = "none"
+    # With quantization: peft.prepare_model_for_kbit_training before LoRA, as TRL's SFTTrainer, the
+    # peft/HF QLoRA examples and axolotl do (the non-quantised weights: embeddings, norms, lm_head,
+    # biases, become fp32). false keeps them in model.dtype (litgpt; TRL skips it for sharded QLoRA).
+    prepare_for_kbit_training: bool = True
 
 
 class LoraConfig(_Section):

@@ -3,7 +3,9 @@
 A directory holding only `config.json` gets random weights, so an architecture can be measured
 without its checkpoint; a directory with weights loads them. Gradient checkpointing uses the
 non-reentrant implementation PyTorch recommends (works with frozen LoRA bases without
-`enable_input_require_grads`).
+`enable_input_require_grads`). A quantised base goes through `peft.prepare_model_for_kbit_training`
+before LoRA, as TRL's SFTTrainer, the peft/HF QLoRA examples and axolotl do, unless
+`model.prepare_for_kbit_training` is false.
 """
 
 from __future__ import annotations
@@ -127,6 +129,19 @@ def _apply_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
         raise ModelSetupError(f"lora.target_modules {list(lora.target_modules)}: {error}") from error
 
 
+def _prepare_kbit(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+    """peft.prepare_model_for_kbit_training: freezes every parameter, casts the non-quantised 16-bit
+    ones (embeddings, norms, lm_head, biases) to fp32 and, with checkpointing, enables it
+    (non-reentrant, as `_enable_checkpointing`, so it adds no input-gradient hook)."""
+    import peft
+
+    return peft.prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
 def _enable_checkpointing(model: torch.nn.Module) -> None:
     # transformers 5 renamed the method; older releases only have the gradient_ spelling.
     if hasattr(model, "activation_checkpointing_enable"):
@@ -140,6 +155,8 @@ def build_model(cfg: ModelConfig, lora: LoraConfig | None, device: torch.device)
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelSetupError("model.attn_implementation flash_attention_2 needs the flash-attn package (CUDA only)")
     model, source, tokenizer = _load_base(cfg, device)
+    if cfg.quantization != "none" and cfg.prepare_for_kbit_training:
+        model = _prepare_kbit(model, cfg.gradient_checkpointing)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     model.config.use_cache = False  # a KV cache is dead weight in training

@@ -99,6 +99,15 @@ CALIBRATION = {
         "data.seq_len=128",
         "train.micro_batch_size=1",
     ],
+    # GPT-2's softmax has no dtype argument: under autocast its input is the 16-bit scores plus the
+    # fp32 causal mask, promoted to fp32, and softmax keeps an fp32 output.
+    "gpt2-full-eager-amp-bf16": [
+        "model.name=tiny-gpt2",
+        "lora=null",
+        "model.attn_implementation=eager",
+        "train.mixed_precision=bf16",
+        "data.seq_len=256",
+    ],
     "gpt2-full-eager-ckpt-bf16-sgd": [
         "model.name=tiny-gpt2",
         "lora=null",
@@ -363,11 +372,104 @@ def test_logits_are_counted_over_the_vocabulary():
 # --- precision, quantisation and optimizers -----------------------------------------------------------
 def test_nf4_stores_about_half_a_byte_per_quantised_weight():
     shape = shape_for("llama-3-8b")
-    cfg = config(model={"name": "llama-3-8b", "dtype": "bf16", "quantization": "nf4"})
+    model = {"name": "llama-3-8b", "dtype": "bf16", "quantization": "nf4"}
     quantised = shape.num_layers * sum(linear.d_in * linear.d_out for linear in shape.linear_layers())
-    terms = {term.name: term.bytes for term in estimate_analytic(cfg).terms}
+    terms = {term.name: term.bytes for term in estimate_analytic(config(model=model)).terms}
     assert terms["parameters, quantised linears (nf4)"] == round(quantised * NF4_BYTES_PER_PARAM)
+    # prepare_model_for_kbit_training (the default, as TRL and the QLoRA examples run it) makes the rest fp32.
+    assert terms["parameters, embeddings/norms/head (fp32)"] == (shape.parameter_count() - quantised) * 4
+    unprepared = config(model={**model, "prepare_for_kbit_training": False})
+    terms = {term.name: term.bytes for term in estimate_analytic(unprepared).terms}
     assert terms["parameters, embeddings/norms/head (bf16)"] == (shape.parameter_count() - quantised) * 2
+
+
+# A quantised base on the CPU: bitsandbytes' 4-bit linears run on CUDA only, so each decoder linear is
+# replaced by a stand-in that does what Linear4bit.forward does as autograd sees it, and the real
+# peft.prepare_model_for_kbit_training (through the runner's `_prepare_kbit`) and get_peft_model run on it.
+KBIT = {
+    "llama-nf4-sdpa-fp32-stream": ["model.name=tiny-llama", "data.seq_len=256"],
+    "llama-nf4-eager-amp-ckpt": [
+        "model.name=tiny-llama",
+        "model.attn_implementation=eager",
+        "train.mixed_precision=bf16",
+        "model.gradient_checkpointing=true",
+        "data.seq_len=256",
+    ],
+    "qwen2-nf4-all-linear-amp-b4": [
+        "model.name=tiny-qwen2",
+        "train.mixed_precision=bf16",
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+        "data.seq_len=128",
+        "train.micro_batch_size=4",
+    ],
+    "llama-nf4-unprepared": ["model.name=tiny-llama", "model.prepare_for_kbit_training=false", "data.seq_len=256"],
+}
+
+
+def _stand_in_for_bitsandbytes(model) -> type:
+    """Swap every decoder linear for a Linear4bit stand-in: the input cast to the bf16 compute dtype,
+    a frozen weight that keeps nothing else for backward (MatMul4Bit keeps only the packed weight),
+    the output cast back to the input's dtype. Its weight's class is named Params4bit, the name
+    prepare_model_for_kbit_training checks to leave quantised weights alone."""
+    import torch
+
+    class Params4bit(torch.nn.Parameter):
+        pass
+
+    class Linear4bit(torch.nn.Linear):
+        def forward(self, x):
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, bias).to(x.dtype)
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    stand_in = Linear4bit(child.in_features, child.out_features, bias=child.bias is not None)
+                    stand_in.weight = Params4bit(child.weight.detach().to(torch.bfloat16), requires_grad=False)
+                    if child.bias is not None:
+                        stand_in.bias = torch.nn.Parameter(child.bias.detach().to(torch.bfloat16))
+                    setattr(parent, name, stand_in)
+    return Params4bit
+
+
+@pytest.mark.parametrize("items", KBIT.values(), ids=KBIT.keys())
+def test_kbit_prepared_model_matches_the_walk_on_cpu(items: list[str]):
+    """prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32; the hidden states
+    follow them between the quantised matmuls. The walk must know what each op then keeps."""
+    import torch
+
+    from collector.tensors import ActivationCounter
+    from trainer.models import _apply_lora, _enable_checkpointing, _prepare_kbit, build_model
+
+    cfg = overrides("train.device=cpu", "model.dtype=bf16", "model.quantization=nf4", *items)
+    torch.manual_seed(0)
+    built = build_model(cfg.model.model_copy(update={"quantization": "none"}), None, torch.device("cpu"))
+    model = built.model
+    quantised_class = _stand_in_for_bitsandbytes(model)
+    if cfg.model.prepare_for_kbit_training:
+        model = _prepare_kbit(model, cfg.model.gradient_checkpointing)
+    if cfg.model.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model = _apply_lora(model, cfg.lora)
+    model.train()
+    counter = ActivationCounter(model)
+    ids = torch.randint(0, built.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision != "no")
+    with autocast, counter.forward():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    estimate = estimate_analytic(cfg, device="cpu")
+    assert estimate.totals["saved_for_backward"] == pytest.approx(counter.peak_bytes, rel=COMPONENT_TOLERANCE, abs=64)
+    dense = [p for name, p in model.named_parameters() if not isinstance(p, quantised_class) and "lora_" not in name]
+    dtype = torch.float32 if cfg.model.prepare_for_kbit_training else torch.bfloat16
+    assert {p.dtype for p in dense} == {dtype}
+    terms = {term.name: term for term in estimate.terms}
+    rest = terms[f"parameters, embeddings/norms/head ({'fp32' if dtype == torch.float32 else 'bf16'})"]
+    assert rest.bytes == sum(p.nbytes for p in dense)
+    if cfg.model.prepare_for_kbit_training:
+        assert "prepare_model_for_kbit_training" in rest.source
+        assert any("prepare_model_for_kbit_training" in term.source for term in estimate.terms if "activ" in term.name)
 
 
 def test_eight_bit_adam_keeps_about_two_bytes_per_parameter():

@@ -21,6 +21,13 @@ CASES = {
         "train": {"micro_batch_size": 1, "grad_accum_steps": 3},
     },
     "llama-full-adafactor": {"model": {"name": "tiny-llama"}, "lora": None, "train": {"optimizer": "adafactor"}},
+    # bf16 autocast of an fp32 GPT-2: the fp32 causal mask promotes the scores, softmax keeps fp32.
+    "gpt2-full-eager-amp-bf16": {
+        "model": {"name": "tiny-gpt2", "attn_implementation": "eager"},
+        "lora": None,
+        "train": {"mixed_precision": "bf16"},
+        "data": {"seq_len": 256},
+    },
 }
 
 

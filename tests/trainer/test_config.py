@@ -146,6 +146,17 @@ def test_estimate_keys_validate_and_round_trip():
     assert RunConfig().deepspeed is None and RunConfig().model.quantization == "none"
 
 
+def test_prepare_for_kbit_training_is_on_by_default_and_can_be_turned_off():
+    # On: the runner calls peft.prepare_model_for_kbit_training on a quantised base, as TRL and the QLoRA
+    # examples do; off restates training code that does not (litgpt, sharded QLoRA).
+    assert RunConfig().model.prepare_for_kbit_training is True
+    cfg = validate_config({"model": {"quantization": "nf4", "prepare_for_kbit_training": False}})
+    assert cfg.model.prepare_for_kbit_training is False
+    assert validate_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    with pytest.raises(ConfigError, match="model.prepare_for_kbit_training"):
+        validate_config({"model": {"prepare_for_kbit_training": "sometimes"}})
+
+
 def test_estimate_key_cross_checks_name_their_keys():
     with pytest.raises(ConfigError) as caught:
         validate_config(
