@@ -355,6 +355,9 @@ def _component(ctx: _Context, key: str) -> tuple[int | None, str]:
     """A component's bytes, measured at the failure if the runner saw it, else estimated."""
     measured = _measured(ctx.ev)
     if key in measured:
+        if key == "activations" and (ctx.ev.postmortem or {}).get("phase") == "forward":
+            # A forward that failed part-way had saved only some of its activations.
+            return measured[key], "saved so far by the forward that failed"
         return measured[key], "measured at the failure"
     if ctx.base is not None:
         value = ctx.base.totals.get(key, ctx.base.breakdown.get(key))
