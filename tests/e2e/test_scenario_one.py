@@ -48,6 +48,13 @@ class Screenshots:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, name: str) -> Path:
+        # A page still running shows grey placeholders and a Stop button: wait for its script to end
+        # (give it a moment to start: the running indicator appears only once the rerun is under way).
+        self.page.wait_for_timeout(1500)
+        self.page.wait_for_function(
+            "!document.querySelector('[data-testid=\"stSkeleton\"], [data-testid=\"stStatusWidget\"]')",
+            timeout=PAGE_TIMEOUT_MS,
+        )
         self.taken += 1
         path = ARTIFACTS / f"{self.taken:02d}-{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
