@@ -94,3 +94,15 @@ def test_detail_adds_and_removes_the_deep_hooks():
     assert not down_proj._forward_pre_hooks and not down_proj._forward_hooks
     where.remove()
     assert not model.model.layers[0].mlp._forward_pre_hooks
+
+
+def test_norms_and_rotary_tables_are_not_followed_and_attaching_twice_does_not_double_hooks():
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+    count = len(where._handles)
+    assert not model.model.layers[0].input_layernorm._forward_pre_hooks
+    assert not model.model.rotary_emb._forward_pre_hooks and not model.model.norm._forward_pre_hooks
+    where.track_modules(model)
+    where.detail(True)
+    assert len(where._handles) == count and len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == 1
