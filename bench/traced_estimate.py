@@ -25,19 +25,10 @@ from diagnosis.estimate import BREAKDOWN_KEYS
 from diagnosis.traced import estimate_traced
 from diagnosis.units import human_bytes
 from trainer.config import validate_config
+from trainer.presets import PRESETS
 
-# meta-llama/Llama-2-7b-hf config.json, architecture keys.
-LLAMA_2_7B = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+# The llama-2-7b preset (meta-llama/Llama-2-7b-hf's architecture) as a config.json, so --layers can cut it.
+LLAMA_2_7B = dict(model_type="llama", **PRESETS["llama-2-7b"].config_kwargs)
 LORA_QV = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}
 
 CONFIGS = {

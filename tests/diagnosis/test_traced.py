@@ -33,6 +33,7 @@ from diagnosis.traced import (
 from trainer.config import RunConfig, validate_config
 from trainer.loop import make_monitor, setup, train
 from trainer.models import build_model, hf_config
+from trainer.presets import PRESETS
 
 MIB = 1024**2
 
@@ -348,17 +349,7 @@ class _RssWatch:
         self._thread.join()
 
 
-LLAMA_2_7B_SHAPE = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+LLAMA_2_7B_SHAPE = dict(model_type="llama", **PRESETS["llama-2-7b"].config_kwargs)
 
 
 def test_a_7b_shaped_model_traces_without_allocating_its_weights(tmp_path):
