@@ -59,6 +59,9 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
     cfg = validate_config({"data": {"seq_len": seq_len}, "train": {"max_steps": block_steps, "device": device}})
     training = setup(cfg, resolve_device(cfg.train.device))
     times: dict[str, list[float]] = {"baseline": [], **{name: [] for name in VARIANTS}}
+    # Process CPU time too (every thread, the sink's included): steadier than wall time when other
+    # work shares the machine, and it still charges the collector for all the work it adds.
+    cpu_times: dict[str, list[float]] = {name: [] for name in times}
     with tempfile.TemporaryDirectory() as workspace:
         engine = open_engine(f"sqlite:///{Path(workspace) / 'bench.db'}")
         sinks, monitors = [], {"baseline": NullMonitor()}
@@ -83,12 +86,13 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
                     monitor.where.track_modules(training.built.model)
                 if training.device.type == "cuda":
                     torch.cuda.synchronize()
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 train(training, monitor, next(steps))
                 if training.device.type == "cuda":
                     torch.cuda.synchronize()
                 if block:
                     times[name].append((time.perf_counter() - started) / block_steps)
+                    cpu_times[name].append((time.process_time() - cpu_started) / block_steps)
                 if tracked:
                     monitor.where.remove()
         for name, monitor in monitors.items():
@@ -97,15 +101,19 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
         for sink in sinks:
             sink.close()
     baseline_ms = statistics.median(times["baseline"]) * 1e3
+    baseline_cpu_ms = statistics.median(cpu_times["baseline"]) * 1e3
     result = {
         "device": str(training.device),
         "seq_len": seq_len,
         "baseline_ms": baseline_ms,
+        "baseline_cpu_ms": baseline_cpu_ms,
         "steps_each": blocks * block_steps,
     }
     for name in VARIANTS:
         ms = statistics.median(times[name]) * 1e3
         result[name] = (ms, (ms / baseline_ms - 1) * 100)
+        cpu_ms = statistics.median(cpu_times[name]) * 1e3
+        result[f"{name}_cpu"] = (cpu_ms, (cpu_ms / baseline_cpu_ms - 1) * 100)
     return result
 
 
@@ -124,6 +132,9 @@ def main() -> None:
         r = measure(seq_len, args.blocks, args.block_steps, args.device)
         cells = " | ".join(f"{r[name][0]:.2f} ({r[name][1]:+.1f}%)" for name in VARIANTS)
         print(f"| {r['device']} | {r['seq_len']} | {r['baseline_ms']:.2f} | {cells} | {r['steps_each']} |")
+        cpu_cells = " | ".join(f"{r[name + '_cpu'][0]:.2f} ({r[name + '_cpu'][1]:+.1f}%)" for name in VARIANTS)
+        cpu_row = f"| {r['device']} CPU time | {r['seq_len']} | {r['baseline_cpu_ms']:.2f} | {cpu_cells}"
+        print(f"{cpu_row} | {r['steps_each']} |")
 
 
 if __name__ == "__main__":
