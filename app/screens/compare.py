@@ -106,7 +106,8 @@ _config_changes(chosen)
 st.subheader("Memory and speed")
 st.dataframe(figures_table([_figures(url, run) for run in chosen]), hide_index=True, width="stretch")
 st.caption(
-    "Peaks over every recorded step; for a run that ran out of memory, what it held at the failure, with the failed "
-    "request still to come. Median step time over all steps (over buckets' midpoints past 500 steps)."
+    "Peaks over every recorded step; a run that ran out of memory needed at least what it held at the failure plus "
+    "the request that failed, so its saving is a floor. Median step time over all steps (over buckets' midpoints "
+    "past 500 steps)."
 )
 _timelines(url, chosen)

@@ -104,6 +104,17 @@ class RunFigures:
             return failed, True
         return stepped, False
 
+    def needed(self, column: str) -> tuple[int | None, bool]:
+        """What the run needed at least: its peak, or for a run that failed, what it held when the
+        request failed plus that request (the failed run's peak is otherwise understated, and a fix
+        that works would read as using more memory). The flag says the value is a lower bound."""
+        value, failed = self.peak(column)
+        request = self.postmortem.requested_bytes if self.postmortem else None
+        if not failed or value is None or request is None:
+            return value, False
+        held = _at_failure(self.postmortem, column, current=True)
+        return max(value, (held if held is not None else value) + request), True
+
     def median_step_s(self) -> float | None:
         """Exact up to 500 steps; beyond, the median of the buckets' midpoints."""
         series = self.step_seconds
@@ -114,14 +125,15 @@ class RunFigures:
         return statistics.median(mids) if mids else None
 
 
-def _at_failure(postmortem: PostmortemRecord | None, column: str) -> int | None:
+def _at_failure(postmortem: PostmortemRecord | None, column: str, *, current: bool = False) -> int | None:
+    """The post-mortem's reading for a peak column: the peak so far, or (`current`) the value at the failure."""
     if postmortem is None:
         return None
     if column == "peak_rss_bytes":
         return (postmortem.host or {}).get("rss_bytes")
     stats = postmortem.allocator_stats or {}
-    key = {"peak_allocated_bytes": "allocated_bytes.all.peak", "peak_reserved_bytes": "reserved_bytes.all.peak"}
-    return stats.get(key.get(column, ""))
+    name = {"peak_allocated_bytes": "allocated_bytes", "peak_reserved_bytes": "reserved_bytes"}.get(column)
+    return stats.get(f"{name}.all.{'current' if current else 'peak'}") if name else None
 
 
 _PEAKS = {
@@ -142,8 +154,9 @@ def figures_table(figures: Sequence[RunFigures]) -> pd.DataFrame:
         peaks = [figure.peak(column) for figure in figures]
         if all(value is None for value, _ in peaks):
             continue
-        shown = [human_bytes(value) + (" at the failure" if failed else "") for value, failed in peaks]
-        rows.append(_row(label, figures, shown, [value for value, _ in peaks], _bytes_change))
+        needs = [figure.needed(column) for figure in figures]
+        shown = [_peak_text(peak, need) for peak, need in zip(peaks, needs, strict=True)]
+        rows.append(_row(label, figures, shown, needs, _needed_change))
     requests = [f.postmortem.requested_bytes if f.postmortem else None for f in figures]
     if any(value is not None for value in requests):
         rows.append(_row("Failed request", figures, [human_bytes(value) for value in requests]))
@@ -168,6 +181,24 @@ def _row(
         for figure, value in zip(figures[1:], values[1:], strict=True):
             row[f"run {figure.run.id} vs run {figures[0].run.id}"] = change(values[0], value)
     return row
+
+
+def _peak_text(peak: tuple[int | None, bool], need: tuple[int | None, bool]) -> str:
+    (value, failed), (needed, lower_bound) = peak, need
+    if lower_bound:
+        return f"≥ {human_bytes(needed)} needed ({human_bytes(value)} held at the failure + the failed request)"
+    return human_bytes(value) + (" at the failure" if failed else "")
+
+
+def _needed_change(before: tuple[int | None, bool], after: tuple[int | None, bool]) -> str:
+    """After minus before; when before is only a lower bound (it failed), the saving is at least that."""
+    (first, first_bound), (second, second_bound) = before, after
+    change = _bytes_change(first, second)
+    if not change or change == "same" or first_bound == second_bound:
+        return change
+    if first_bound:
+        return change + (" or more" if second < first else " at most")
+    return change + (" or more" if second > first else " at most")
 
 
 def _seconds(value: float | None) -> str:
