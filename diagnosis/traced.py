@@ -574,14 +574,14 @@ def _summary(live: LiveBytes, observer: _Observer, untraced_state_bytes: int) ->
 def _config_path(name: str, workdir: Path) -> str:
     """A model name `build_model` can build without weights: presets and bare configs as they
     are, a checkpoint directory as its config.json, a hub id as its config.json fetched alone."""
-    from trainer.models import _has_weights, hf_config
+    from trainer.models import has_weights, hf_config
     from trainer.presets import PRESETS
 
     if name in PRESETS:
         return name
     path = Path(name).expanduser()
     if path.is_dir():
-        return str(path / "config.json") if _has_weights(path) else str(path)
+        return str(path / "config.json") if has_weights(path) else str(path)
     config = hf_config(name)
     if config is None:
         import transformers

@@ -44,7 +44,7 @@ class BuiltModel:
     tokenizer_path: str | None  # a directory with a tokenizer, when the model came with one
 
 
-def _has_weights(path: Path) -> bool:
+def has_weights(path: Path) -> bool:
     return any((path / name).is_file() for name in _WEIGHT_FILES)
 
 
@@ -97,7 +97,7 @@ def _load_base(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Module,
     loading = dict(common, quantization_config=quantization, device_map={"": device}) if quantization else common
     auto = transformers.AutoModelForCausalLM
     path = Path(cfg.name).expanduser()
-    if path.is_dir() and _has_weights(path):
+    if path.is_dir() and has_weights(path):
         tokenizer = str(path) if _has_tokenizer(path) else None
         return auto.from_pretrained(str(path), **loading), "checkpoint", tokenizer
     config = hf_config(cfg.name)
