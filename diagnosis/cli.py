@@ -258,8 +258,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if capacity is None:
         raise InputError("fit needs --capacity-gb or --gpu")
     result = largest_fitting(cfg, capacity, args.knob)
-    data = result.to_json() if hasattr(result, "to_json") else dict(vars(result))
-    _emit(data, args.json, json.dumps(data, indent=2))
+    if result.value is None:
+        text = f"Nothing fits in {human_bytes(capacity)}: {result.reason}"
+    else:
+        peak = f" (device {human_bytes(result.estimate.device_bytes)})" if result.estimate else ""
+        text = (
+            f"Largest {args.knob} that fits in {human_bytes(capacity)}: {result.value:,}{peak}\n"
+            f"  {result.reason}"
+        )
+    _emit(result.to_json(), args.json, text)
     return EXIT_OK
 
 

@@ -106,3 +106,15 @@ def test_estimate_refuses_bad_input_with_the_key_named(args):
     result = diagnosis(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "micro_batch_size" in result.stderr or "Z9000" in result.stderr
+
+
+def test_fit_answers_in_words_and_in_json():
+    llama_3_8b = ("--set", "model.name=llama-3-8b", "--set", "model.dtype=bf16", "--gpu", "RTX-4090")
+    fits = diagnosis("fit", *llama_3_8b)
+    assert fits.returncode == 0, fits.stderr
+    assert fits.stdout.startswith("Largest data.seq_len that fits in 23.6 GiB: ")
+    data = json.loads(diagnosis("fit", *llama_3_8b, "--json").stdout)
+    assert data["knob"] == "data.seq_len" and 0 < data["value"] < data["limit"] and data["estimate"]["fits"]
+    nothing = diagnosis("fit", "--set", "model.name=llama-3-70b", "--gpu", "T4", "--knob", "train.micro_batch_size")
+    assert nothing.returncode == 0
+    assert nothing.stdout.startswith("Nothing fits in 14.8 GiB: even train.micro_batch_size=1")
