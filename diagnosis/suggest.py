@@ -733,12 +733,17 @@ def _default_estimator() -> Estimator | None:
     return estimate_analytic
 
 
-def suggest(ev: Evidence, estimator: Estimator | None = None) -> list[Suggestion]:
-    """Every applicable fix, best first (see the module docstring for the order)."""
+def _context(ev: Evidence, estimator: Estimator | None) -> _Context:
+    """The evidence with its config estimated as is (the base every what-if is measured against)."""
     estimator = estimator or _default_estimator()
     device = "cpu" if _on_cpu(ev) else "cuda"
     base = estimator(ev.config, device=device) if ev.config is not None and estimator is not None else None
-    ctx = _Context(ev, estimator, device, base, _shortfall(ev, base))
+    return _Context(ev, estimator, device, base, _shortfall(ev, base))
+
+
+def suggest(ev: Evidence, estimator: Estimator | None = None) -> list[Suggestion]:
+    """Every applicable fix, best first (see the module docstring for the order)."""
+    ctx = _context(ev, estimator)
     found = [s for rule in _RULES for s in rule(ctx)]
     judged = [_judge(s, ctx.shortfall) for s in found]
     return sorted(judged, key=_rank_key)
@@ -746,10 +751,7 @@ def suggest(ev: Evidence, estimator: Estimator | None = None) -> list[Suggestion
 
 def shortfall_bytes(ev: Evidence, estimator: Estimator | None = None) -> int | None:
     """Bytes the failing step lacked (for headlines); None when nothing says."""
-    estimator = estimator or _default_estimator()
-    device = "cpu" if _on_cpu(ev) else "cuda"
-    base = estimator(ev.config, device=device) if ev.config is not None and estimator is not None else None
-    return _shortfall(ev, base)
+    return _context(ev, estimator).shortfall
 
 
 def suggestions_json(items: Sequence[Suggestion]) -> dict[str, Any]:
