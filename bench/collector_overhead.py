@@ -7,15 +7,22 @@ model, optimizer and data stream, so drift in the machine's speed hits all alike
                 50th, samples through the sink into a real SQLite file;
   no_modules    the same without module tracking (and so without layer profiles);
   profile_all   a layer profile on every step: the cost of one profiled step.
-Reports each variant's median block time against the baseline's.
+Reports each variant's median block time against the baseline's, and the median of the paired
+differences (each block's variant time minus the same round's baseline), which cancels the drift
+between rounds. On a 2-core machine the same code costs a different share from one process to the
+next, so `--processes N` repeats the whole measurement in N fresh processes and reports each.
 
-    .venv/bin/python -m bench.collector_overhead [--seq-len 256] [--blocks 20] [--block-steps 10]
+    .venv/bin/python -m bench.collector_overhead [--seq-len 256] [--blocks 300] [--block-steps 1]
+        [--processes 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -59,8 +66,8 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
     cfg = validate_config({"data": {"seq_len": seq_len}, "train": {"max_steps": block_steps, "device": device}})
     training = setup(cfg, resolve_device(cfg.train.device))
     times: dict[str, list[float]] = {"baseline": [], **{name: [] for name in VARIANTS}}
-    # Process CPU time too (every thread, the sink's included): steadier than wall time when other
-    # work shares the machine, and it still charges the collector for all the work it adds.
+    # The training thread's CPU time too: steadier than wall time when other work shares the two
+    # cores (time spent preempted is not counted), though it leaves out the sink's writer thread.
     cpu_times: dict[str, list[float]] = {name: [] for name in times}
     with tempfile.TemporaryDirectory() as workspace:
         engine = open_engine(f"sqlite:///{Path(workspace) / 'bench.db'}")
@@ -86,13 +93,13 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
                     monitor.where.track_modules(training.built.model)
                 if training.device.type == "cuda":
                     torch.cuda.synchronize()
-                started, cpu_started = time.perf_counter(), time.process_time()
+                started, cpu_started = time.perf_counter(), time.thread_time()
                 train(training, monitor, next(steps))
                 if training.device.type == "cuda":
                     torch.cuda.synchronize()
                 if block:
                     times[name].append((time.perf_counter() - started) / block_steps)
-                    cpu_times[name].append((time.process_time() - cpu_started) / block_steps)
+                    cpu_times[name].append((time.thread_time() - cpu_started) / block_steps)
                 if tracked:
                     monitor.where.remove()
         for name, monitor in monitors.items():
@@ -112,29 +119,60 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
     for name in VARIANTS:
         ms = statistics.median(times[name]) * 1e3
         result[name] = (ms, (ms / baseline_ms - 1) * 100)
+        paired = statistics.median(v - b for v, b in zip(times[name], times["baseline"], strict=True)) * 1e3
+        result[f"{name}_paired"] = (paired, paired / baseline_ms * 100)
         cpu_ms = statistics.median(cpu_times[name]) * 1e3
-        result[f"{name}_cpu"] = (cpu_ms, (cpu_ms / baseline_cpu_ms - 1) * 100)
+        cpu_paired = statistics.median(v - b for v, b in zip(cpu_times[name], cpu_times["baseline"], strict=True))
+        result[f"{name}_cpu"] = (cpu_ms, cpu_paired * 1e3 / baseline_cpu_ms * 100)
     return result
+
+
+def _in_fresh_process(seq_len: int, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, "-m", "bench.collector_overhead", "--one", "--seq-len", str(seq_len),
+        "--blocks", str(args.blocks), "--block-steps", str(args.block_steps), "--device", args.device,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_table(results: list[dict]) -> None:
+    columns = " | ".join(f"{name} ms (ratio; paired)" for name in VARIANTS)
+    print(f"| process | device | seq_len | no collector ms | {columns} | steps each |")
+    print("|---" * (5 + len(VARIANTS)) + "|")
+    for index, r in enumerate(results, 1):
+        cells = " | ".join(
+            f"{r[name][0]:.2f} ({r[name][1]:+.1f}%; {r[name + '_paired'][1]:+.1f}%)" for name in VARIANTS
+        )
+        print(f"| {index} | {r['device']} | {r['seq_len']} | {r['baseline_ms']:.2f} | {cells} | {r['steps_each']} |")
+        cpu_cells = " | ".join(f"{r[name + '_cpu'][0]:.2f} (paired {r[name + '_cpu'][1]:+.1f}%)" for name in VARIANTS)
+        print(f"| {index} | training thread CPU | {r['seq_len']} | {r['baseline_cpu_ms']:.2f} | {cpu_cells} | |")
+    if len(results) > 1:
+        summary = " | ".join(
+            f"{statistics.median(r[name][1] for r in results):+.1f}% "
+            f"(paired {statistics.median(r[name + '_paired'][1] for r in results):+.1f}%; "
+            f"range {min(r[name][1] for r in results):+.1f}% … {max(r[name][1] for r in results):+.1f}%; "
+            f"training thread CPU paired {statistics.median(r[name + '_cpu'][1] for r in results):+.1f}%)"
+            for name in VARIANTS
+        )
+        print(f"| median of {len(results)} | | {results[0]['seq_len']} | | {summary} | |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--blocks", type=int, default=20)
-    parser.add_argument("--block-steps", type=int, default=10)
+    parser.add_argument("--blocks", type=int, default=300)
+    parser.add_argument("--block-steps", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per sequence length")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one JSON line
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.seq_len[0], args.blocks, args.block_steps, args.device)))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    columns = " | ".join(f"{name} ms (ratio)" for name in VARIANTS)
-    print(f"| device | seq_len | no collector ms | {columns} | steps each |")
-    print("|---" * (4 + len(VARIANTS)) + "|")
     for seq_len in args.seq_len:
-        r = measure(seq_len, args.blocks, args.block_steps, args.device)
-        cells = " | ".join(f"{r[name][0]:.2f} ({r[name][1]:+.1f}%)" for name in VARIANTS)
-        print(f"| {r['device']} | {r['seq_len']} | {r['baseline_ms']:.2f} | {cells} | {r['steps_each']} |")
-        cpu_cells = " | ".join(f"{r[name + '_cpu'][0]:.2f} ({r[name + '_cpu'][1]:+.1f}%)" for name in VARIANTS)
-        cpu_row = f"| {r['device']} CPU time | {r['seq_len']} | {r['baseline_cpu_ms']:.2f} | {cpu_cells}"
-        print(f"{cpu_row} | {r['steps_each']} |")
+        _print_table([_in_fresh_process(seq_len, args) for _ in range(args.processes)])
 
 
 if __name__ == "__main__":

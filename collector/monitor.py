@@ -21,7 +21,13 @@ from collector.allocator import allocated_bytes_now, allocator_probe_for
 from collector.host import HostProbe
 from collector.layers import LayerProfiler
 from collector.readings import HostReading, LayerReading, StepSample, TensorBreakdown
-from collector.tensors import ActivationCounter, gradient_bytes, optimizer_state_bytes, parameter_bytes
+from collector.tensors import (
+    ActivationCounter,
+    OptimizerStateMeter,
+    gradient_bytes,
+    optimizer_state_bytes,
+    parameter_bytes,
+)
 from collector.whereabouts import Position, Whereabouts
 
 RECENT_STEPS_KEPT = 50
@@ -79,6 +85,7 @@ class StepMonitor:
         track_modules: bool = False,
         layer_profile_steps: int = 0,
         layer_profile_every: int = 0,
+        activation_recount_every: int = 1,
     ):
         self._model = model
         self._optimizer = optimizer
@@ -86,6 +93,10 @@ class StepMonitor:
         self._allocator = allocator_probe_for(device)
         self._host = HostProbe()
         self._activations = ActivationCounter(model) if track_activations else None
+        self._activation_recount_every = max(1, activation_recount_every)
+        self._recount_activations = True
+        self._batch_shape: tuple[int, int] | None = None
+        self._optimizer_states = OptimizerStateMeter(optimizer)
         self._parameter_bytes, self._trainable_bytes = parameter_bytes(model)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._pending: deque[_PendingSample] = deque()
@@ -108,6 +119,7 @@ class StepMonitor:
 
     def begin_step(self, step: int) -> None:
         self._step_started = time.perf_counter()
+        self._recount_activations = step % self._activation_recount_every == 0
         self.where.enter("data", step=step, micro_batch=0)
         if self.profiler is not None and self.profiler.due(step):
             self.profiler.start(step)
@@ -117,11 +129,14 @@ class StepMonitor:
 
     def set_batch(self, batch_size: int, seq_len: int) -> None:
         self.where.set_batch(batch_size, seq_len)
+        self._batch_shape = (batch_size, seq_len)
 
     def forward(self) -> AbstractContextManager[None]:
         """Context for one micro-batch's forward pass (counts the activations it saves)."""
         self.where.enter("forward")
-        return self._activations.forward() if self._activations else nullcontext()
+        if self._activations is None:
+            return nullcontext()
+        return self._activations.forward(self._batch_shape, recount=self._recount_activations)
 
     def after_backward(self) -> None:
         """Gradients are complete now and are freed by zero_grad after the optimizer step."""
@@ -131,20 +146,22 @@ class StepMonitor:
     def position(self) -> Position:
         return self.where.position()
 
-    def _breakdown(self, gradients: int, activations: int | None) -> TensorBreakdown:
+    def _breakdown(self, gradients: int, optimizer_states: int, activations: int | None) -> TensorBreakdown:
         return TensorBreakdown(
             parameter_bytes=self._parameter_bytes,
             trainable_parameter_bytes=self._trainable_bytes,
             gradient_bytes=gradients,
-            optimizer_state_bytes=optimizer_state_bytes(self._optimizer),
+            optimizer_state_bytes=optimizer_states,
             activation_bytes=activations,
         )
 
     def breakdown_now(self) -> TensorBreakdown:
         """The tensors as they are at this moment (a failure mid-step): gradients counted now,
-        activations saved so far by the forward in progress."""
+        activations saved so far by the forward in progress (None if it was not being counted)."""
         return self._breakdown(
-            gradient_bytes(self._trainable), self._activations.current_bytes if self._activations else None
+            gradient_bytes(self._trainable),
+            optimizer_state_bytes(self._optimizer),
+            self._activations.current_bytes if self._activations else None,
         )
 
     def host_now(self) -> HostReading:
@@ -159,7 +176,9 @@ class StepMonitor:
         wall_time = time.time()
         allocator = self._allocator.sample_and_reset() if self._allocator else None
         tensors = self._breakdown(
-            self._gradient_bytes, self._activations.take_peak() if self._activations else None
+            self._gradient_bytes,
+            self._optimizer_states.read(),
+            self._activations.take_peak() if self._activations else None,
         )
         host = self._host.sample()
         if self.profiler is not None and self.profiler.active:
@@ -193,3 +212,4 @@ class StepMonitor:
     def close(self) -> None:
         """Publish every pending sample (waits for outstanding loss copies)."""
         self._publish_ready(wait=True)
+        self._host.close()

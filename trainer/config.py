@@ -114,8 +114,11 @@ class DeepSpeedConfig(_Section):
 
 class MonitorConfig(_Section):
     nvml_interval_s: float = Field(1.0, ge=0.05, le=3600)
-    # Count activation bytes saved for backward on every step (saved-tensor hooks).
+    # Count activation bytes saved for backward (saved-tensor hooks) ...
     track_activations: bool = True
+    # ... on a batch shape's first forward, then again every N steps (1: every forward); between,
+    # the shape's last count is carried, and a shape whose recounts disagree is counted every time.
+    activation_recount_every: int = Field(10, ge=1)
     # Module hooks that keep the current layer known, so a post-mortem can name it.
     track_modules: bool = True
     # Per-layer profile on the first N steps, then every M steps (0: never after the first N).

@@ -117,6 +117,7 @@ def make_monitor(cfg: RunConfig, training: Training, publish: Callable[[object],
         track_modules=cfg.monitor.track_modules,
         layer_profile_steps=cfg.monitor.layer_profile_steps,
         layer_profile_every=cfg.monitor.layer_profile_every,
+        activation_recount_every=cfg.monitor.activation_recount_every,
     )
 
 

@@ -53,6 +53,7 @@ def test_failing_field_reads_none_and_is_logged_once(caplog, monkeypatch):
     def refuse():
         raise psutil.AccessDenied(pid=1)
 
+    probe.close()  # RSS from psutil from now on (not /proc/self/statm)
     monkeypatch.setattr(probe._process, "memory_info", refuse)
     readings = [probe.sample() for _ in range(4)]
     assert all(r.rss_bytes is None for r in readings)
@@ -72,3 +73,13 @@ def test_cpu_percent_is_read_every_nth_sample_and_carried_between(monkeypatch):
     values = [probe.sample().cpu_percent for _ in range(2 * host.CPU_PERCENT_EVERY + 1)]
     assert len(reads) == 3 and reads == [None, None, None]
     assert values == [1.0] * host.CPU_PERCENT_EVERY + [2.0] * host.CPU_PERCENT_EVERY + [3.0]
+
+
+def test_rss_from_statm_agrees_with_psutil_and_close_falls_back_to_it():
+    probe = HostProbe()
+    process = psutil.Process()
+    from_statm = probe.sample().rss_bytes
+    assert abs(from_statm - process.memory_info().rss) < 8 * MIB
+    probe.close()
+    probe.close()  # idempotent
+    assert abs(probe.sample().rss_bytes - process.memory_info().rss) < 8 * MIB

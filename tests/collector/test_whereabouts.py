@@ -106,3 +106,28 @@ def test_norms_and_rotary_tables_are_not_followed_and_attaching_twice_does_not_d
     where.track_modules(model)
     where.detail(True)
     assert len(where._handles) == count and len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == 1
+
+
+def test_an_ordinary_step_names_each_attention_and_mlp_in_backward_exactly():
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)  # no detail(): what every step that is not profiled gets
+    seen = {}
+
+    def probe(name):
+        """The gradient of a projection's output is computed inside its block's backward."""
+
+        def forward_hook(module, args, output):
+            output.register_hook(lambda grad: seen.__setitem__(name, where.module))
+
+        return forward_hook
+
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_hook(probe(f"model.layers.{index}.self_attn"))
+        layer.mlp.up_proj.register_forward_hook(probe(f"model.layers.{index}.mlp"))
+    where.enter("forward", step=1)
+    ids = torch.randint(0, 128, (1, 16))
+    out = model(input_ids=ids, labels=ids)
+    where.enter("backward")
+    out.loss.backward()
+    assert len(seen) == 4 and all(module == name for name, module in seen.items()), seen
