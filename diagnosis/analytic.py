@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
+from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import shard_components, zero3_gathered_bytes
 from trainer.config import RunConfig
 
@@ -1058,10 +1059,7 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
             f"every tensor counted is rounded up to a multiple of {CUDA_BLOCK_BYTES} bytes, as the CUDA caching "
             "allocator does and max_memory_allocated counts (kMinBlockSize, c10/cuda/CUDACachingAllocator.cpp)"
         )
-        notes.append(
-            "allocator overhead not modelled (0): cached blocks and fragmentation of the caching allocator vary "
-            "with the run; compare reserved − allocated in a measured run"
-        )
+        notes.append(reserve_note())
     if run.attention == "sdpa_math":
         notes.append("sdpa with attention dropout on the CPU falls back to the math kernel, which keeps b·a·s² scores")
     if cfg.model.attn_implementation == "sdpa" and s.attn_logit_softcap:
@@ -1146,6 +1144,9 @@ def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape
     ]
     if gathered:
         terms.append(Term("ZeRO-3 gathered parameters", gathered, "largest module + prefetch bucket", SRC_ZERO))
+    reserve = allocator_reserve_bytes(peak.total) if run.device == "cuda" else 0
+    if reserve:
+        terms.append(reserve_term(peak.total))
     if runtime:
         terms.append(Term("CUDA context", runtime, "300 MiB", SRC_CONTEXT))
     activations = acts.total(shape.num_layers)
@@ -1153,7 +1154,7 @@ def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape
         mode="analytic",
         breakdown=peak.breakdown,
         peak_phase=peak.phase,
-        allocator_overhead_bytes=0,
+        allocator_overhead_bytes=reserve,
         runtime_overhead_bytes=runtime,
         totals={
             "parameters": persistent.parameters,

@@ -46,6 +46,7 @@ from diagnosis.analytic import (
     SRC_CONTEXT,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
+from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from trainer.config import RunConfig
 
 # CUDA_BLOCK_BYTES: the CUDA caching allocator hands out blocks in multiples of 512 bytes
@@ -808,8 +809,8 @@ def _notes(cfg: RunConfig, on_cuda: bool) -> list[str]:
         notes += [
             _CUDA_DROPOUT_NOTE,
             _CUDA_SDPA_DROPOUT_NOTE,
-            f"every tensor's block rounded up to {CUDA_BLOCK_BYTES} bytes as the CUDA caching allocator does; "
-            "its cache and fragmentation are not modelled (allocator_overhead_bytes 0)",
+            f"every tensor's block rounded up to {CUDA_BLOCK_BYTES} bytes as the CUDA caching allocator does",
+            reserve_note(),
             "runtime overhead is the analytic mode's CUDA context (300 MiB); cuBLAS/cuDNN workspaces and NCCL "
             "buffers are not counted",
         ]
@@ -910,12 +911,16 @@ def _estimate(trace: StepTrace, cfg: RunConfig, on_cuda: bool, notes: list[str])
     breakdown = {key: int(rank.peaks[peak_phase].get(key, 0)) for key in BREAKDOWN_KEYS}
     terms = _untraced_state_terms(trace, cfg) + rank.terms
     runtime = CUDA_CONTEXT_BYTES if on_cuda else 0
+    reserve = allocator_reserve_bytes(sum(breakdown.values())) if on_cuda else 0
+    if reserve:
+        terms.append(reserve_term(sum(breakdown.values())))
     if runtime:
         terms.append(Term("CUDA context", runtime, "300 MiB", SRC_CONTEXT))
     return MemoryEstimate(
         mode="traced",
         breakdown=breakdown,
         peak_phase=peak_phase,
+        allocator_overhead_bytes=reserve,
         runtime_overhead_bytes=runtime,
         totals=_totals(trace, rank.persistent),
         per_layer_activation_bytes=trace.per_layer_activation_bytes,

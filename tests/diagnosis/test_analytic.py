@@ -20,6 +20,7 @@ import pytest
 from diagnosis.analytic import CUDA_CONTEXT_BYTES, NF4_BYTES_PER_PARAM, estimate_analytic
 from diagnosis.architecture import shape_for, shape_from_config_dict
 from diagnosis.estimate import BREAKDOWN_KEYS
+from diagnosis.reserve import allocator_reserve_bytes
 from diagnosis.sharding import REDUCE_BUCKET_ELEMENTS, shard_components
 from trainer.config import RunConfig, apply_overrides, validate_config
 
@@ -539,7 +540,9 @@ def test_breakdown_sums_to_the_peak_and_terms_cite_sources():
     assert estimate.peak_allocated_bytes == sum(estimate.breakdown.values())
     assert all(term.source for term in estimate.terms if term.bytes), [t.name for t in estimate.terms if not t.source]
     assert estimate.runtime_overhead_bytes == CUDA_CONTEXT_BYTES
-    assert any("allocator overhead not modelled" in note for note in estimate.notes)
+    assert any("allocator reserve" in note for note in estimate.notes)
+    assert estimate.allocator_overhead_bytes == allocator_reserve_bytes(estimate.peak_allocated_bytes) > 0
+    assert estimate.peak_reserved_bytes == estimate.peak_allocated_bytes + estimate.allocator_overhead_bytes
     json.dumps(estimate.to_json(80 * GIB))
 
 
