@@ -86,6 +86,13 @@ def allocator_reserve_bytes(peak_allocated_bytes: int) -> int:
     return round(peak_allocated_bytes * RESERVE_FRACTION)
 
 
+def reserve_shortfall_at_worst(peak_allocated_bytes: int, margin_bytes: int) -> int:
+    """Bytes a `margin_bytes` to spare would lack if the reserve were the highest measured, not the
+    median (0 when even that fits)."""
+    worst = round(peak_allocated_bytes * RESERVE_FRACTION_RANGE[1]) - allocator_reserve_bytes(peak_allocated_bytes)
+    return max(0, worst - margin_bytes)
+
+
 def reserve_term(peak_allocated_bytes: int) -> Term:
     low, high = RESERVE_FRACTION_RANGE
     return Term(

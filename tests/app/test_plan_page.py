@@ -146,3 +146,14 @@ def test_the_traced_estimate_explains_a_config_it_cannot_trace():
     assert not app.exception
     [warning] = app.warning
     assert warning.value.startswith("The traced estimate cannot model this config: model.quantization nf4")
+
+
+def test_a_margin_thinner_than_the_reserves_measured_spread_says_so():
+    cfg = validate_config(view.config_from_knobs(view.DEFAULTS, "llama-3-8b"))
+    estimate = estimate_analytic(cfg)
+    thin = estimate.device_bytes + estimate.peak_allocated_bytes // 50  # 2% of the peak to spare
+    fits, text = view.margin_text(estimate, thin)
+    assert fits and "real runs have held up to" in text and "short" in text
+    roomy = estimate.device_bytes + estimate.peak_allocated_bytes // 2
+    fits, text = view.margin_text(estimate, roomy)
+    assert fits and "real runs have held up to" not in text
