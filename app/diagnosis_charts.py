@@ -84,8 +84,10 @@ def estimate_chart(
     return alt.layer(bar, ticks).resolve_scale(color="independent").properties(title=title, height=alt.Step(40))
 
 
-def compare_chart(estimates: Mapping[str, MemoryEstimate], capacity_bytes: int | None) -> alt.Chart:
-    """Several estimates (analytic, traced) as stacked bars on one axis."""
+def compare_chart(
+    estimates: Mapping[str, MemoryEstimate], capacity_bytes: int | None, title: str = "Peak allocated, by estimator"
+) -> alt.Chart:
+    """Several estimates (analytic and traced, or two models) as stacked bars on one axis."""
     largest = max(estimate.device_bytes for estimate in estimates.values())
     unit = byte_unit(max(largest, capacity_bytes or 0))
     order = [PART_LABELS[key] for key in BREAKDOWN_KEYS]
@@ -109,7 +111,7 @@ def compare_chart(estimates: Mapping[str, MemoryEstimate], capacity_bytes: int |
                 alt.Tooltip("size:Q", title=unit.name, format=unit.format),
             ],
         )
-        .properties(title="Peak allocated, by estimator", height=alt.Step(40))
+        .properties(title=title, height=alt.Step(40))
     )
 
 

@@ -35,9 +35,9 @@ def _defaults(prefix: str, values: dict[str, Any]) -> None:
         st.session_state.setdefault(prefix + name, value)
 
 
-def model_input(prefix: str) -> tuple[str | None, ModelShape | None]:
+def model_input(prefix: str, default: str | None = None) -> tuple[str | None, ModelShape | None]:
     """The model's name as the config takes it (a preset, or the stored upload's path) and its shape."""
-    _defaults(prefix, {"model_kind": PRESET, "model.name": view.DEFAULTS["model.name"]})
+    _defaults(prefix, {"model_kind": PRESET, "model.name": default or view.DEFAULTS["model.name"]})
     kind = st.radio(
         "Model",
         (PRESET, UPLOAD),

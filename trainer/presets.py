@@ -333,6 +333,20 @@ PRESETS.update(
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
         ),
+        # 01-ai/Yi-34B: a Llama architecture (scenario 5's "34B model of another family")
+        "yi-34b": _llama(
+            "Yi 34B (34.4B parameters, 64k vocabulary, GQA 56/8)",
+            vocab_size=64000,
+            hidden_size=7168,
+            intermediate_size=20480,
+            num_hidden_layers=60,
+            num_attention_heads=56,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            rope_theta=5_000_000.0,
+            tie_word_embeddings=False,
+        ),
         # google/gemma-2b
         "gemma-2b": _published(
             "GemmaConfig",

@@ -5,6 +5,7 @@ import streamlit as st
 from app import diagnosis_charts, estimates, plan_fields
 from app.views import plan as view
 from diagnosis.estimate import MemoryEstimate
+from diagnosis.reserve import RESERVE_FRACTION, RESERVE_FRACTION_RANGE
 from diagnosis.units import human_bytes
 from trainer.config import RunConfig
 
@@ -12,13 +13,13 @@ KEY = "plan."
 _TRACED = "plan.traced_result"  # (config YAML, estimate or message) of the last traced estimate
 
 
-def _inputs() -> tuple[RunConfig | None, tuple[str, int] | None]:
+def _inputs() -> tuple[RunConfig | None, tuple[str, int] | None, dict | None]:
     with st.container(border=True):
         st.subheader("Model and card")
         name, shape = plan_fields.model_input(KEY)
         gpu = plan_fields.gpu_input(KEY)
     if name is None:
-        return None, gpu
+        return None, gpu, None
     with st.container(border=True):
         st.subheader("Knobs")
         values = plan_fields.knobs(KEY, shape)
@@ -27,7 +28,7 @@ def _inputs() -> tuple[RunConfig | None, tuple[str, int] | None]:
         st.error(f"`{issue.key}`: {issue.message}", icon=":material/error:")
     if issues:
         st.caption("No estimate until the knobs above agree; each message names the knob and what it allows.")
-    return cfg, gpu
+    return cfg, gpu, values
 
 
 def _estimate(cfg: RunConfig, gpu: tuple[str, int]) -> MemoryEstimate:
@@ -97,10 +98,44 @@ def _fits(cfg: RunConfig, gpu: tuple[str, int]) -> None:
         help=mine.micro_batch_size.reason,
     )
     st.dataframe(view.fit_frame(rows, cfg), hide_index=True, width="stretch")
+    low, high = RESERVE_FRACTION_RANGE
     st.caption(
-        "Each row keeps the changes of the rows above it. A fit is judged on the device level (CUDA context "
-        "included); the analytic model leaves out allocator fragmentation, so keep a few percent of margin."
+        "Each row keeps the changes of the rows above it. A fit is judged on the device level: the CUDA context "
+        f"and the caching allocator's reserve at its measured median ({RESERVE_FRACTION:.1%} of the peak; real runs "
+        f"held {low:.1%} to {high:.1%}) included, so a fit with less margin than that spread may not hold."
     )
+
+
+def _side_by_side(cfg: RunConfig, analytic: MemoryEstimate, values: dict, gpu: tuple[str, int]) -> None:
+    """The same knobs on a second model: where two models of about the same size differ."""
+    with st.expander("Side by side with another model", icon=":material/compare_arrows:"):
+        st.caption("The knobs above on a second model: which one needs more, and which part of the step says why.")
+        other_name, other_shape = plan_fields.model_input(KEY + "other.", default="yi-34b")
+        if other_name is None or other_shape is None:
+            return
+        other, issues = view.check(view.config_from_knobs(values, other_name), other_shape)
+        if other is None:
+            for issue in issues:
+                st.warning(f"`{issue.key}` on the second model: {issue.message}", icon=":material/error:")
+            return
+        label, capacity = gpu
+        other_estimate = estimates.analytic(other.to_yaml())
+        names = (_short_name(cfg.model.name), _short_name(other_name))
+        if names[0] == names[1]:
+            names = (f"{names[0]} (1)", f"{names[1]} (2)")
+        pair, shapes = (analytic, other_estimate), (view.model_shape(cfg.model.name), other_shape)
+        if shapes[0] is not None:
+            st.markdown(view.side_by_side_summary(names, pair, shapes))
+            st.dataframe(view.side_by_side_frame(names, pair, shapes), hide_index=True, width="stretch")
+        _, margin = view.margin_text(other_estimate, capacity)
+        st.markdown(f"**{names[1]} on {label}**: {margin}")
+        by_model = dict(zip(names, pair, strict=True))
+        st.altair_chart(diagnosis_charts.compare_chart(by_model, capacity, "Peak allocated, by model"), width="stretch")
+
+
+def _short_name(name: str) -> str:
+    # An uploaded config.json is stored under a content hash; the preset names read as themselves.
+    return "uploaded config.json" if name.endswith(".json") else name
 
 
 def _traced(cfg: RunConfig, analytic: MemoryEstimate, capacity: int) -> None:
@@ -147,13 +182,14 @@ st.caption(
 )
 inputs, results = st.columns([2, 3], gap="large")
 with inputs:
-    cfg, gpu = _inputs()
+    cfg, gpu, values = _inputs()
 with results:
     if cfg is None or gpu is None:
         st.info("Pick a model and a card, and set the knobs: the estimate appears here.")
     else:
         analytic = _estimate(cfg, gpu)
         _fits(cfg, gpu)
+        _side_by_side(cfg, analytic, values, gpu)
         _traced(cfg, analytic, gpu[1])
         with st.expander("The config estimated (`--config` for `python -m diagnosis estimate`)"):
             st.code(cfg.to_yaml(), language="yaml")

@@ -196,3 +196,100 @@ def fit_frame(rows: Sequence[FitRow], cfg: RunConfig) -> pd.DataFrame:
             for row in rows
         ]
     )
+
+
+# Scenario 5: two models of about the same size, one trains and one does not. Side by side, the
+# components say where the bytes differ and the shapes say why.
+_COMPONENT_LABELS = {
+    "parameters": "Weights",
+    "gradients": "Gradients",
+    "optimizer_states": "Optimizer states",
+    "activations": "Activations saved for backward",
+    "logits_loss": "Logits and loss",
+    "transient": "Transient workspace",
+}
+# Which shape facts drive each component, for the sentence that explains a difference.
+_DRIVERS = {
+    "parameters": ("parameter_count",),
+    "gradients": ("parameter_count",),
+    "optimizer_states": ("parameter_count",),
+    "activations": ("num_layers", "hidden_size", "intermediate_size", "num_heads"),
+    "logits_loss": ("vocab_size",),
+    "transient": ("num_heads", "intermediate_size", "vocab_size"),
+}
+_SHAPE_LABELS = {
+    "parameter_count": "parameters",
+    "num_layers": "layers",
+    "hidden_size": "hidden size",
+    "intermediate_size": "MLP width",
+    "num_heads": "attention heads",
+    "num_kv_heads": "KV heads",
+    "vocab_size": "vocabulary",
+}
+
+
+def _shape_value(shape: ModelShape, fact: str) -> int:
+    return shape.parameter_count() if fact == "parameter_count" else int(getattr(shape, fact))
+
+
+def _shape_text(fact: str, value: int) -> str:
+    return f"{value / 1e9:.1f}B" if fact == "parameter_count" else f"{value:,}"
+
+
+def side_by_side_frame(
+    names: tuple[str, str], estimates: tuple[MemoryEstimate, MemoryEstimate], shapes: tuple[ModelShape, ModelShape]
+) -> pd.DataFrame:
+    """One row per component at each model's peak, the device level, then the shapes behind them."""
+    a, b = estimates
+
+    def bytes_row(label: str, first: int, second: int) -> dict[str, str]:
+        difference = second - first
+        signed = "same" if difference == 0 else ("+" if difference > 0 else "−") + human_bytes(abs(difference))
+        return {"": label, names[0]: human_bytes(first), names[1]: human_bytes(second), "Difference": signed}
+
+    rows = [bytes_row(label, a.breakdown[key], b.breakdown[key]) for key, label in _COMPONENT_LABELS.items()]
+    rows.append(bytes_row("Peak allocated", a.peak_allocated_bytes, b.peak_allocated_bytes))
+    rows.append(bytes_row("Device (nvidia-smi)", a.device_bytes, b.device_bytes))
+    for fact, label in _SHAPE_LABELS.items():
+        first, second = (_shape_value(shape, fact) for shape in shapes)
+        ratio = "" if first == second or not first else f"×{second / first:.2f}"
+        rows.append(
+            {"": label[0].upper() + label[1:], names[0]: _shape_text(fact, first), names[1]: _shape_text(fact, second),
+             "Difference": ratio}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def side_by_side_summary(
+    names: tuple[str, str], estimates: tuple[MemoryEstimate, MemoryEstimate], shapes: tuple[ModelShape, ModelShape]
+) -> str:
+    """Which model needs more at the device level, and the two components that differ most, with the
+    shape facts that make them differ."""
+    a, b = estimates
+    total = b.device_bytes - a.device_bytes
+    if total == 0:
+        return f"{names[0]} and {names[1]} need the same at the device level: {human_bytes(a.device_bytes)}."
+    more, less = (names[1], names[0]) if total > 0 else (names[0], names[1])
+    sign = 1 if total > 0 else -1
+    differences = sorted(
+        ((sign * (b.breakdown[key] - a.breakdown[key]), key) for key in _COMPONENT_LABELS),
+        reverse=True,
+    )
+    reasons = []
+    for difference, key in differences[:2]:
+        if difference <= 0:
+            break
+        hungrier, other = (shapes[1], shapes[0]) if sign > 0 else (shapes[0], shapes[1])
+        # Only the facts that point the same way: a wider MLP explains more activations, fewer layers do not.
+        drivers = [
+            f"{_SHAPE_LABELS[fact]} {_shape_text(fact, _shape_value(hungrier, fact))} vs "
+            f"{_shape_text(fact, _shape_value(other, fact))}"
+            for fact in _DRIVERS[key]
+            if _shape_value(hungrier, fact) > _shape_value(other, fact)
+        ]
+        why = f" ({', '.join(drivers)})" if drivers else ""
+        reasons.append(f"{_COMPONENT_LABELS[key].lower()} +{human_bytes(difference)}{why}")
+    return (
+        f"{more} needs {human_bytes(abs(total))} more than {less} at the device level"
+        + (": " + "; ".join(reasons) + "." if reasons else ".")
+    )

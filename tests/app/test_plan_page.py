@@ -7,7 +7,7 @@ import json
 from app import nav
 from app.views import plan as view
 from diagnosis.analytic import estimate_analytic
-from diagnosis.architecture import preset_config_dict
+from diagnosis.architecture import preset_config_dict, shape_for
 from diagnosis.fit import largest_fitting
 from diagnosis.gpus import gpu_capacity_bytes
 from diagnosis.units import GIB, human_bytes
@@ -46,7 +46,7 @@ def test_a_preset_on_a_card_shows_the_peak_its_parts_the_margin_and_what_fits():
     assert shown["Longest seq_len at micro-batch 1"] == f"{longest:,} tokens"
     table = app.dataframe[1].value
     assert list(table["Setting"])[:3] == ["as is", "+ gradient checkpointing", "+ sdpa attention"]
-    assert len(app.get("vega_lite_chart")) == 1
+    assert len(app.get("vega_lite_chart")) == 2  # the estimate, and the side-by-side in its expander
     assert any(caption.value.startswith("Note: ") for caption in app.caption)  # the estimate's own notes
     assert not app.button(key="plan.traced").disabled
 
@@ -157,3 +157,41 @@ def test_a_margin_thinner_than_the_reserves_measured_spread_says_so():
     roomy = estimate.device_bytes + estimate.peak_allocated_bytes // 2
     fits, text = view.margin_text(estimate, roomy)
     assert fits and "real runs have held up to" not in text
+
+
+def test_scenario_5_two_models_side_by_side_say_which_needs_more_and_why():
+    """A 32B full fine-tune at 4k tokens with eager attention, next to a 34B of another family."""
+    app = plan()
+    app.selectbox(key="plan.model.name").set_value("qwen2.5-32b").run()
+    app.toggle(key="plan.lora_on").set_value(False)
+    app.selectbox(key="plan.model.attn_implementation").set_value("eager")
+    app.number_input(key="plan.train.num_gpus").set_value(8).run()
+    app.selectbox(key="plan.deepspeed.zero_stage").set_value(3).run()
+    assert not app.exception
+    assert app.selectbox(key="plan.other.model.name").value == "yi-34b"
+
+    chosen = knobs(
+        **{"lora_on": False, "model.attn_implementation": "eager", "train.num_gpus": 8, "deepspeed.zero_stage": 3}
+    )
+    names = ("qwen2.5-32b", "yi-34b")
+    qwen, yi = (estimate_analytic(validate_config(view.config_from_knobs(chosen, name))) for name in names)
+    summary = view.side_by_side_summary(names, (qwen, yi), (shape_for(names[0]), shape_for(names[1])))
+    assert summary in texts(app)
+    # Eager attention keeps b·heads·s² scores per layer: Yi's 56 heads (and wider hidden size) against
+    # Qwen's 40 make it the hungrier one at 4k tokens, whatever the parameter counts say.
+    assert summary.startswith(f"yi-34b needs {human_bytes(yi.device_bytes - qwen.device_bytes)} more than qwen2.5-32b")
+    assert "activations saved for backward" in summary and "attention heads 56 vs 40" in summary
+    assert "layers 60 vs 64" not in summary  # a fact that points the other way explains nothing
+    frame = app.dataframe[2].value
+    assert list(frame.columns) == ["", "qwen2.5-32b", "yi-34b", "Difference"]
+    rows = frame.set_index("")
+    assert rows.loc["Vocabulary", "qwen2.5-32b"] == "152,064" and rows.loc["Vocabulary", "yi-34b"] == "64,000"
+    assert rows.loc["Device (nvidia-smi)", "yi-34b"] == human_bytes(yi.device_bytes)
+    assert any(text.startswith("**yi-34b on A100 80GB**") for text in (m.value for m in app.markdown))
+
+
+def test_the_second_model_refuses_knobs_it_cannot_take_and_says_so():
+    app = plan()
+    app.selectbox(key="plan.other.model.name").set_value("gpt2").run()  # no q_proj / v_proj in GPT-2
+    assert not app.exception
+    assert any("on the second model" in w.value and "lora.target_modules" in w.value for w in app.warning)

@@ -33,6 +33,7 @@ PUBLISHED = {
     "qwen2.5-7b": 7.62e9,
     "qwen2.5-14b": 14.8e9,
     "qwen2.5-32b": 32.8e9,
+    "yi-34b": 34.4e9,
     "gemma-2b": 2.51e9,
     "gemma-7b": 8.54e9,
     "gemma-2-2b": 2.61e9,
