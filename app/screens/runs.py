@@ -5,7 +5,7 @@ import time
 import streamlit as st
 
 from app import actions, data, nav
-from app.views.runs_table import runs_frame, status_counts
+from app.views.runs_table import SIZE_COLUMNS, runs_frame, status_counts
 from app.views.status import DISPLAY_STATUSES, cell_label, display_status, meaning
 
 FIRST_RUN = """No runs recorded yet in `{db}`.
@@ -68,6 +68,12 @@ def _table(frame) -> None:
             "Run": st.column_config.NumberColumn(format="%d", width="small"),
             "Started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
             "Open": st.column_config.LinkColumn(display_text="open", help="the run's page, in a new tab"),
+            **{
+                column: st.column_config.NumberColumn(
+                    f"{column} (GiB)", format="%.2f", help="largest in any step; empty where not measured (CPU runs)"
+                )
+                for column in SIZE_COLUMNS
+            },
         },
     )
 

@@ -1,4 +1,5 @@
-"""The runs list as one table: a row per run, sizes as text so an unavailable peak reads "n/a"."""
+"""The runs list as one table: a row per run. Sizes are numbers in GiB, so a click on the header sorts them by
+size (text would put "512 MiB" after "1.2 GiB"); an unavailable peak is an empty cell, never 0."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from app import nav
 from app.views.facts import device_label, duration_s, human_duration, max_steps, model_name, steps_label
 from app.views.status import cell_label, display_status
 from db.queries import RunRecord, RunSummary
-from diagnosis.units import human_bytes
 
 COLUMNS = (
     "Run",
@@ -27,6 +27,12 @@ COLUMNS = (
     "Peak RSS",
     "Open",
 )
+SIZE_COLUMNS = ("Peak allocated", "Peak reserved", "Peak RSS")
+_GIB = 1024**3
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else value / _GIB
 
 
 def status_counts(runs: list[RunRecord], now: float) -> dict[str, int]:
@@ -57,9 +63,9 @@ def runs_frame(
                 "Started": datetime.fromtimestamp(run.started_at or run.created_at),
                 "Duration": human_duration(duration_s(run, now)),
                 "Steps": steps_label(summary.last_step if summary else 0, max_steps(run)),
-                "Peak allocated": human_bytes(summary.peak_allocated_bytes if summary else None),
-                "Peak reserved": human_bytes(summary.peak_reserved_bytes if summary else None),
-                "Peak RSS": human_bytes(summary.peak_rss_bytes if summary else None),
+                "Peak allocated": _gib(summary.peak_allocated_bytes if summary else None),
+                "Peak reserved": _gib(summary.peak_reserved_bytes if summary else None),
+                "Peak RSS": _gib(summary.peak_rss_bytes if summary else None),
                 # Relative to the page's own URL, so it also works under a server.baseUrlPath.
                 "Open": f"{nav.RUN.url_path}?run={run.id}",
             }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pandas as pd
+import pytest
+
 from app import nav
 from db.queries import get_postmortem, get_run, step_samples
 from db.writes import create_run, end_run
@@ -41,11 +44,14 @@ def test_every_status_with_its_peaks_and_a_link_to_its_page(engine):
         stopped: "stopped",
         starting: "running",
     }
-    # CPU runs have no allocator: "n/a", never 0; the CUDA run shows its largest per-step peaks.
-    assert table.loc[completed, ["Peak allocated", "Peak reserved"]].tolist() == ["n/a", "n/a"]
-    assert table.loc[completed, "Peak RSS"] == "950.0 MiB"
-    assert table.loc[running, ["Peak allocated", "Peak reserved"]].tolist() == ["5.0 GiB", "6.0 GiB"]
-    assert table.loc[starting, ["Steps", "Peak RSS", "Device"]].tolist() == ["0 / 3", "n/a", "not started yet"]
+    # CPU runs have no allocator: empty, never 0; the CUDA run shows its largest per-step peaks, in GiB as
+    # numbers so that sorting the column sorts by size.
+    assert table.loc[completed, ["Peak allocated", "Peak reserved"]].isna().all()
+    assert table.loc[completed, "Peak RSS"] == pytest.approx(950 / 1024)
+    assert table.loc[running, ["Peak allocated", "Peak reserved"]].tolist() == [5.0, 6.0]
+    assert table.loc[starting, ["Steps", "Device"]].tolist() == ["0 / 3", "not started yet"]
+    assert pd.isna(table.loc[starting, "Peak RSS"])
+    assert table["Peak RSS"].dtype.kind == "f"
     assert table.loc[running, "Steps"] == "7 / 20" and table.loc[oom, "Steps"] == "3 / 20"
     assert table.loc[oom, "Open"] == f"run?run={oom}"
     assert table.loc[running, "Device"] == "NVIDIA H100 80GB HBM3 (cuda:0)"
