@@ -44,6 +44,9 @@ def header(url: str, run: RunRecord, pm: PostmortemRecord) -> None:
         for column, figure in zip(st.columns(3), row, strict=False):
             column.metric(figure.label, figure.value, help=figure.help)
     st.markdown(view.where(pm))
+    gpu = view.gpu_line(pm)
+    if gpu:
+        st.caption(gpu)
     st.info(pm.finding)
 
 

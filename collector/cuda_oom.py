@@ -4,7 +4,9 @@
 the allocator state is intact (REFERENCE §1); the snapshot and stats taken there show what held
 memory at the failure, which is gone by the time an `except` clause runs. The observer can fire
 more than once for one failure: the first capture is kept. Allocation history is recorded with
-Python stacks only (C++ stacks can make a snapshot take minutes on big jobs).
+Python stacks only (C++ stacks can make a snapshot take minutes on big jobs). NVML is read there
+too when the run has it, so the post-mortem shows what the driver saw at the failure (other
+processes included), not a reading up to a second old.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import gzip
 import logging
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +34,21 @@ class CudaOomCapture:
     device_total_bytes: int | None
     allocator_stats: dict[str, int]
     snapshot: dict | None
+    # NVML's view at the same moment (device used, this process's used), when NVML is open.
+    nvml: dict | None = None
 
 
 class CudaOomObserver:
     """Attach once per process; `capture` holds the first OOM's state, or None."""
 
-    def __init__(self, device: torch.device, history_max_entries: int):
+    def __init__(
+        self,
+        device: torch.device,
+        history_max_entries: int,
+        nvml_now: Callable[[], dict | None] | None = None,
+    ):
         self.device = device
+        self._nvml_now = nvml_now
         self.capture: CudaOomCapture | None = None
         self.history_enabled = False
         if history_max_entries > 0:
@@ -63,6 +74,12 @@ class CudaOomObserver:
                 snapshot = torch.cuda.memory._snapshot()
             except Exception as error:  # noqa: BLE001
                 log.warning("could not take the allocator snapshot at the OOM: %s", error)
+        nvml = None
+        if self._nvml_now is not None:
+            try:
+                nvml = self._nvml_now()
+            except Exception as error:  # noqa: BLE001 - the capture goes on without NVML
+                log.warning("could not read NVML at the OOM: %s", error)
         self.capture = CudaOomCapture(
             taken_at=time.time(),
             requested_bytes=int(alloc),
@@ -70,6 +87,7 @@ class CudaOomObserver:
             device_total_bytes=total,
             allocator_stats=memory_stats_now(self.device),
             snapshot=snapshot,
+            nvml=nvml,
         )
 
 

@@ -226,6 +226,18 @@ class NvmlSampler:
             return
         self._probe.close()
 
+    def sample_now(self) -> DeviceReading | None:
+        """One reading taken now, off the schedule (an OOM post-mortem wants the device as the
+        failure left it, not as it was up to a second before). NVML's calls are thread-safe, so
+        this may run beside the sampling thread. None if NVML is stopped or the read fails."""
+        if self._stopped:
+            return None
+        try:
+            return self._probe.sample()
+        except Exception as exc:  # noqa: BLE001 - a post-mortem goes on without it
+            log.warning("NVML reading at the failure failed: %s: %s", type(exc).__name__, exc)
+            return None
+
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()

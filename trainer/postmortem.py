@@ -8,6 +8,7 @@ breakdown at the failure. Everything becomes plain data so a reader needs neithe
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,11 @@ def build_postmortem(
     cuda_capture: CudaOomCapture | None,
     snapshot_dir: Path,
     snapshot_max_bytes: int,
+    nvml_now: Callable[[], dict | None] | None = None,
+    nvml_unavailable: dict | None = None,
 ) -> PostMortem:
+    """`nvml_now` reads NVML now (when the CUDA observer did not already at the failing
+    allocation); `nvml_unavailable` is what the post-mortem says where there is no NVML reading."""
     message = str(error) or type(error).__name__
     recent = tuple(s.columns() for s in monitor.recent_steps) if monitor else ()
     batch = position.batch_shape if position else None
@@ -68,7 +73,7 @@ def build_postmortem(
         allocator_stats=cuda_capture.allocator_stats if cuda_capture else None,
         tensors=dataclasses.asdict(monitor.breakdown_now()) if monitor else None,
         host={k: v for k, v in dataclasses.asdict(host).items() if k != "taken_at"} if host else None,
-        nvml=None,
+        nvml=_nvml_at_failure(cuda_capture, nvml_now, nvml_unavailable),
         recent_steps=recent,
         layer_profile=tuple(dataclasses.asdict(r) for r in monitor.layer_profile()) if monitor else (),
         snapshot_path=snapshot_path,
@@ -77,3 +82,22 @@ def build_postmortem(
         finding=finding.text,
         finding_details=finding.details,
     )
+
+
+def _nvml_at_failure(
+    capture: CudaOomCapture | None, nvml_now: Callable[[], dict | None] | None, unavailable: dict | None
+) -> dict | None:
+    if capture is not None and capture.nvml is not None:
+        return {"available": True, "taken": "at the failing allocation", **capture.nvml}
+    reading = None
+    if nvml_now is not None:
+        try:
+            reading = nvml_now()
+        except Exception:  # noqa: BLE001 - a post-mortem goes on without it
+            reading = None
+    if reading is not None:
+        return {"available": True, "taken": "after the failure", **reading}
+    if unavailable is not None and unavailable.get("reason"):
+        # Why the run has no GPU readings at all: no driver, no nvidia-ml-py, or a CPU run.
+        return {"available": False, "reason": unavailable["reason"]}
+    return {"available": False, "reason": "no NVML reading could be taken at the failure"}

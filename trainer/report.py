@@ -54,6 +54,14 @@ def postmortem_report(pm: PostmortemRecord, fixes: Sequence[Suggestion] = ()) ->
     ]
     if pm.device_total_bytes is not None:
         lines.append(f"  device: {human_bytes(pm.device_free_bytes)} free of {human_bytes(pm.device_total_bytes)}")
+    nvml = pm.nvml or {}
+    if nvml.get("available"):
+        lines.append(
+            f"  GPU (NVML, {nvml.get('taken', '')}): {human_bytes(nvml.get('memory_used_bytes'))} used of "
+            f"{human_bytes(nvml.get('memory_total_bytes'))}, this process {human_bytes(nvml.get('process_used_bytes'))}"
+        )
+    elif nvml:
+        lines.append(f"  GPU (NVML): no reading ({nvml.get('reason', 'not recorded')})")
     if pm.tensors:
         t = pm.tensors
         lines.append(

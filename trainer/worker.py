@@ -14,7 +14,7 @@ import socket
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -155,7 +155,7 @@ class Worker:
         update_run(self.engine, self.run_id, environment=self.environment)
         self.monitor = make_monitor(cfg, training, self.sink.put)
         if device.type == "cuda":
-            self.cuda_oom = CudaOomObserver(device, cfg.monitor.snapshot_max_entries)
+            self.cuda_oom = CudaOomObserver(device, cfg.monitor.snapshot_max_entries, nvml_now=self._nvml_now)
         train(training, self.monitor)
 
     def run(self) -> int:
@@ -213,6 +213,10 @@ class Worker:
                 log.exception("could not store the post-mortem")
         end_run(self.engine, self.run_id, outcome.status, error_text=outcome.error_text, exit_code=outcome.exit_code)
 
+    def _nvml_now(self) -> dict | None:
+        reading = self.sampler.sample_now() if self.sampler is not None else None
+        return asdict(reading) if reading is not None else None
+
     def _postmortem(self, error: BaseException, text: str, position: Any):
         try:
             return build_postmortem(
@@ -224,6 +228,8 @@ class Worker:
                 cuda_capture=self.cuda_oom.capture if self.cuda_oom else None,
                 snapshot_dir=_snapshot_dir(self.engine.url, self.run_id),
                 snapshot_max_bytes=int(self.cfg.monitor.snapshot_max_mb * 1024**2) if self.cfg else 0,
+                nvml_now=self._nvml_now,
+                nvml_unavailable=(getattr(self, "environment", None) or {}).get("nvml"),
             )
         except Exception:  # noqa: BLE001 - a failed post-mortem must not lose the oom status
             log.exception("could not build the post-mortem")

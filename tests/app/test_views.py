@@ -51,3 +51,30 @@ def test_markers_name_the_event_and_its_step():
 )
 def test_only_the_runs_own_worker_is_signalled(cmdline, is_worker):
     assert _is_worker_of(cmdline, 7) is is_worker
+
+
+def _postmortem(nvml):
+    import dataclasses
+
+    from db.queries import PostmortemRecord
+
+    fields = {field.name: None for field in dataclasses.fields(PostmortemRecord)}
+    return PostmortemRecord(**{**fields, "nvml": nvml, "module_stack": (), "recent_steps": (), "layer_profile": ()})
+
+
+def test_the_gpu_line_splits_the_card_into_this_process_and_the_others():
+    from app.views.postmortem import gpu_line
+
+    line = gpu_line(
+        _postmortem(
+            {"available": True, "taken": "at the failing allocation", "memory_used_bytes": 79 * GIB,
+             "memory_total_bytes": 80 * GIB, "process_used_bytes": 71 * GIB}
+        )
+    )  # fmt: skip
+    assert line.startswith("**GPU at the failure** (NVML, at the failing allocation)")
+    assert "79.0 GiB of 80.0 GiB in use" in line and "71.0 GiB by this process" in line
+    assert "8.0 GiB by others" in line
+    assert gpu_line(_postmortem({"available": False, "reason": "the run is on the CPU"})).endswith(
+        "the run is on the CPU."
+    )
+    assert gpu_line(_postmortem(None)) is None  # a post-mortem from before the field existed

@@ -243,3 +243,22 @@ def test_sampler_survives_failing_publish_and_logs_once(caplog):
 def test_sampler_rejects_non_positive_interval():
     with pytest.raises(ValueError, match="interval_s must be > 0"):
         NvmlSampler(NvmlProbe(FakeNvml(), "h", 0), lambda reading: None, interval_s=0)
+
+
+def test_sample_now_reads_off_schedule_and_nothing_after_stop():
+    sampler = NvmlSampler(NvmlProbe(FakeNvml(), "h", 0), lambda reading: None, interval_s=60.0)
+    reading = sampler.sample_now()  # the thread was never started: this is not a scheduled sample
+    assert reading is not None and reading.gpu_index == 0
+    sampler.stop()
+    assert sampler.sample_now() is None
+
+
+def test_sample_now_returns_none_when_the_probe_fails(caplog):
+    probe = NvmlProbe(FakeNvml(), "h", 0)
+    sampler = NvmlSampler(probe, lambda reading: None, interval_s=60.0)
+
+    def broken():
+        raise RuntimeError("driver gone")
+
+    probe.sample = broken
+    assert sampler.sample_now() is None

@@ -49,6 +49,8 @@ def test_oom_post_mortem_names_step_phase_and_layer(db_url):
     assert pm.host["rss_bytes"] > 0
     assert "first step" in pm.finding
     assert pm.snapshot_path is None and "no CUDA allocator" in pm.snapshot_note
+    # No GPU here: the post-mortem says why it has no NVML reading rather than showing zeros.
+    assert pm.nvml["available"] is False and pm.nvml["reason"]
     # Step 1 was being profiled: its partial profile shows the failing layer.
     assert "model.layers.0.self_attn" in {layer["module"] for layer in pm.layer_profile}
 
