@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run THERE, on a lent GPU machine, in one call (the device tool's `run`, carrying .whl from
+# scripts/gpu_wheels.sh):  bash scripts/gpu_check.sh
+# It installs the carried wheels, runs the GPU tests, records fixtures (bench/gpu_record.py) and
+# the CUDA benchmarks, and leaves everything under $OUT (at most 8 files come back):
+#   pytest-gpu.log, bench.log, record/{manifest,memory_stats,peaks,oom}.json, record/oom_snapshot.pickle.gz
+# Then, here: copy record/ to the folder its manifest suggests (tests/fixtures/gpu/...), and write
+# the numbers into bench/RESULTS.md.
+set -uo pipefail
+OUT=${OUT:-/tmp/oomlens-gpu}
+mkdir -p "$OUT/record"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "the carried wheels did not install: run scripts/gpu_wheels.sh here and carry .whl"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+status=0
+python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" || status=1
+python3 -m bench.gpu_record --out "$OUT/record" 2>&1 | tee "$OUT/bench.log" || status=1
+{
+  python3 -m bench.postmortem_latency --device cuda
+  python3 -m bench.collector_overhead --device cuda --seq-len 1024 4096 --blocks 100 --processes 2
+} 2>&1 | tee -a "$OUT/bench.log" || status=1
+exit $status

@@ -1,0 +1,102 @@
+"""The CUDA paths on a real GPU: the allocator probe in a real run, a fraction-capped OOM caught by
+the observer with its snapshot and NVML reading, and the estimators against a measured step.
+
+Run on a lent GPU with `pytest -m gpu` (scripts/gpu_check.sh does, in one call). Elsewhere each test
+is skipped and says why; the CPU suite meets the same code through what a GPU run recorded
+(tests/fixtures/gpu/, read by tests/diagnosis/test_gpu_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import open_engine
+from db.queries import device_samples, get_postmortem, get_run, step_samples
+from diagnosis.oom_text import parse_oom
+from diagnosis.snapshot import read_snapshot
+from tests.conftest import subprocess_env, trainer_command
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on a lent one)"),
+]
+
+
+def run(db_url: str, *overrides: str) -> tuple[subprocess.CompletedProcess, int]:
+    args = ["run", "--db", db_url, "--set", "train.device=cuda"]
+    for override in overrides:
+        args += ["--set", override]
+    result = subprocess.run(trainer_command(*args), capture_output=True, text=True, timeout=600, env=subprocess_env())
+    return result, int(result.stdout.splitlines()[0])
+
+
+def test_a_cuda_run_records_the_allocator_every_step_and_nvml_beside_it(db_url):
+    result, run_id = run(db_url, "train.max_steps=5", "monitor.nvml_interval_s=0.1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine = open_engine(db_url)
+    steps = step_samples(engine, run_id)
+    assert [s.step for s in steps] == [1, 2, 3, 4, 5]
+    for s in steps:
+        assert s.allocated_bytes is not None and s.allocated_bytes > 0
+        assert s.reserved_bytes >= s.allocated_bytes
+        assert s.peak_allocated_bytes >= s.allocated_bytes and s.peak_reserved_bytes >= s.reserved_bytes
+        assert s.num_ooms == 0 and s.num_alloc_retries is not None
+        assert s.parameter_bytes > 0 and s.activation_bytes > 0
+    nvml = get_run(engine, run_id).environment["nvml"]
+    if nvml.get("sampled"):
+        readings = device_samples(engine, run_id)
+        assert readings and all(r.memory_total_bytes and r.memory_used_bytes for r in readings)
+        assert any(r.process_used_bytes for r in readings), "this process's own memory was never found"
+    else:
+        assert nvml["reason"], "no NVML readings and no reason"
+
+
+def test_a_fraction_capped_oom_is_caught_by_the_observer_with_its_snapshot_and_nvml(db_url):
+    result, run_id = run(
+        db_url, "memory.limit_gb=0.25", "model.attn_implementation=eager", "data.seq_len=4096", "train.max_steps=2"
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    engine = open_engine(db_url)
+    assert get_run(engine, run_id).status == "oom"
+    pm = get_postmortem(engine, run_id)
+    assert (pm.step, pm.phase) == (1, "forward")
+    assert pm.module is not None and pm.module.startswith("model.layers.0")
+    assert pm.error_type == "OutOfMemoryError" and "CUDA out of memory" in pm.error_text
+    message = parse_oom(pm.error_text)
+    assert message is not None and message.device == 0
+    # The message prints the request to two decimals of its unit; the observer has the exact bytes.
+    assert message.requested_bytes == pytest.approx(pm.requested_bytes, rel=0.01)
+    assert pm.allocator_stats and pm.allocator_stats["num_ooms"] >= 1
+    assert pm.device_total_bytes > 0 and pm.device_free_bytes is not None
+    assert pm.snapshot_path and Path(pm.snapshot_path).is_file(), pm.snapshot_note
+    summary = read_snapshot(pm.snapshot_path)
+    assert summary.ooms, "the observer's snapshot holds no oom event"
+    assert summary.ooms[-1].requested_bytes == pytest.approx(pm.requested_bytes, abs=512)
+    assert pm.nvml is not None
+    if pm.nvml["available"]:
+        assert pm.nvml["taken"] == "at the failing allocation"
+        assert pm.nvml["process_used_bytes"] is None or pm.nvml["process_used_bytes"] > 0
+    else:
+        assert pm.nvml["reason"]
+
+
+def test_the_estimators_meet_a_measured_steady_state_step():
+    """A 1B model's LoRA step at 2k tokens: big enough that the CUDA context's own allocations
+    (cuBLAS workspaces) are noise. The target is issue #4's: within 10% of peak allocated."""
+    from bench.gpu_record import PEAK_CONFIGS, _config, measured_peak
+    from diagnosis.analytic import estimate_analytic
+    from diagnosis.traced import estimate_traced
+
+    cfg = _config(PEAK_CONFIGS["llama-3.2-1b-lora-bf16-2k"])
+    measured = measured_peak(cfg)
+    analytic = estimate_analytic(cfg, device="cuda")
+    traced = estimate_traced(cfg, device="cuda")
+    peak = measured["peak_allocated_bytes"]
+    assert analytic.peak_allocated_bytes == pytest.approx(peak, rel=0.10), measured
+    assert traced.peak_allocated_bytes == pytest.approx(peak, rel=0.10), measured
+    reserve = measured["peak_reserved_bytes"] / peak - 1
+    print(f"measured reserve {reserve:.1%} against the modelled {analytic.allocator_overhead_bytes / peak:.1%}")
