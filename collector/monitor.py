@@ -143,8 +143,9 @@ class StepMonitor:
         self._gradient_bytes = gradient_bytes(self._trainable)
 
     # --- what a post-mortem reads --------------------------------------------------------
-    def position(self) -> Position:
-        return self.where.position()
+    def position(self, error: BaseException | None = None) -> Position:
+        """Where the step is; given the failure, with the module stack its traceback shows."""
+        return self.where.position_at(error)
 
     def _breakdown(self, gradients: int, optimizer_states: int, activations: int | None) -> TensorBreakdown:
         return TensorBreakdown(

@@ -1,22 +1,26 @@
 """Where the training step is at any moment: phase, micro-batch, batch shape and module.
 
-Kept current by plain assignments and module hooks that never undo themselves on an exception,
-so when an allocation fails the state still describes the failing spot: the forward stack is
-not popped (the post-hook never ran), the phase is the one that was entered last.
+Phases, micro-batch and shape are plain assignments. The module comes from two places. In forward,
+a failure's own traceback holds the frames of every module it was inside (`position_at`): exact
+down to the projection or norm, and free until something fails. In backward the frames are the
+autograd engine's, so a marker hook on each innermost tracked module's output (attention, MLP,
+embeddings, head) says when backward enters it; modules are entered in reverse order, so entering
+one is leaving the previous one. Hooks never undo themselves on an exception, so the state still
+describes the failing spot.
 
-Cost: two Python calls per module forward (pre/post hook) and one autograd hook per module
-output that requires grad; nothing reads a tensor's value. Measured on the tiny Llama (CPU), each
-autograd hook is ~14 µs of engine-to-Python call plus its registration: backward tracking is most
-of the cost of tracking modules, so an ordinary step follows only where backward enters a module
-(modules are entered in reverse order, so entering one is leaving the previous one) and only into
-the innermost tracked modules (attention, MLP); where it leaves one (back into the block's
-residual add or norm) and enters the blocks themselves is followed on detailed steps.
+Cost on an ordinary step: one forward hook call per innermost tracked module and one autograd hook
+per output that requires grad; nothing reads a tensor's value. Each autograd hook is ~14 µs of
+engine-to-Python call on the tiny Llama (CPU), and every hooked module leaves PyTorch's fast call
+path, so blocks, projections and the forward stack (pre- and post-hooks on every module, with
+where backward leaves each) are followed only on the layer profiler's sampled steps (`detail`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 
 import torch
 
@@ -26,18 +30,12 @@ PHASES = ("setup", "data", "forward", "backward", "optimizer", "eval", "checkpoi
 _WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
 # peft's own submodules inside an adapted layer: their memory belongs to the layer they adapt
 # (`q_proj`), and hooking them would double the hooks per layer for no better answer.
-# Backward is followed down to this depth of name (`model.layers.17.self_attn`): each tracked
-# module costs a tensor hook per forward and a Python call per backward, and measured on a tiny
-# Llama every leaf module tracked in backward added ~10% to a CPU step; blocks and their
-# attention / MLP are where a backward OOM is acted on.
+# Hooks reach down to this depth of name (`model.layers.17.self_attn`); deeper modules
+# (`…self_attn.q_proj`, `…mlp.act_fn`) only on detailed steps. Measured on a tiny Llama, every
+# leaf module tracked in backward added ~10% to a CPU step.
 BACKWARD_DEPTH = 4
-# In forward, modules deeper than that (`…self_attn.q_proj`, `…mlp.act_fn`) are followed only while
-# `detail()` is on (the layer profiler's sampled steps). Every hooked module also leaves PyTorch's
-# fast call path; on a tiny Llama the deep ones were half the hooks and ~0.4 ms of a 25 ms step.
-# An OOM on an ordinary step is then placed in its block's attention or MLP.
 # Modules whose own memory is never the answer to "where did it fail" (a norm, rotary tables, a
-# dropout): not followed, so a failure inside one is placed in the block around it, for a third
-# fewer hooks on a Llama block.
+# dropout) get no hooks even on detailed steps; a traceback still names them.
 _UNTRACKED_KINDS = ("Norm", "RotaryEmbedding", "Dropout", "Identity")
 _ADAPTER_PARTS = ("base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B")
 
@@ -89,6 +87,15 @@ def _when_gradient_ready(tensor: torch.Tensor, hook: Callable[[object], None]) -
         tensor.register_hook(hook)
 
 
+def _adapted_layer(name: str) -> str:
+    """`…q_proj.lora_A.default` → `…q_proj`: an adapter's parts belong to the layer they adapt."""
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part in _ADAPTER_PARTS:
+            return ".".join(parts[:index])
+    return name
+
+
 def _is_adapter_part(name: str) -> bool:
     return any(part in _ADAPTER_PARTS for part in name.split("."))
 
@@ -116,9 +123,14 @@ class Whereabouts:
         self._forward_stack: list[str] = []
         self._backward_module: str | None = None
         self._handles: list = []
+        self._tracking = False
+        self._shallow_modules: list[tuple[torch.nn.Module, str]] = []
+        self._innermost: list[tuple[torch.nn.Module, str]] = []
         self._deep_modules: list[tuple[torch.nn.Module, str]] = []
-        self._deep_handles: list = []
-        self._follow_backward_exits = False
+        self._follow_backward_exits = False  # detail on: the full set of hooks is attached
+        # Every module of the tracked model by id, under the name a user knows (adapter parts under
+        # the layer they adapt): how a failure's traceback is read back into module names.
+        self._names_by_id: dict[int, str] = {}
         # Called with (event, module name) on module boundaries; the layer profiler listens here.
         self.listeners: list[Callable[[str, str], None]] = []
 
@@ -139,46 +151,69 @@ class Whereabouts:
 
     # --- modules -------------------------------------------------------------------------
     def track_modules(self, model: torch.nn.Module) -> None:
+        """Ordinary steps get one forward post-hook on each innermost tracked module (attention,
+        MLP, embeddings, head), which marks where backward enters it; a forward failure is placed
+        by its traceback (`position_at`). `detail(True)` adds the full set for profiled steps."""
         self.remove()  # attaching again (another model, or the same) must not double the hooks
         self._deep_modules.clear()
-        shallow: list[tuple[torch.nn.Module, str]] = []
+        self._shallow_modules = []
+        self._names_by_id = {}
         for name, module in model.named_modules():
             shown = display_name(name)
+            if shown:
+                self._names_by_id[id(module)] = _adapted_layer(shown)
             if not shown or _is_adapter_part(shown) or any(k in type(module).__name__ for k in _UNTRACKED_KINDS):
                 continue
             if shown.count(".") >= BACKWARD_DEPTH:
                 self._deep_modules.append((module, shown))
             else:
-                shallow.append((module, shown))
-        names = [shown for _, shown in shallow]
-        for module, shown in shallow:
-            # A block's backward begins with its MLP's a moment later: on ordinary steps only the
-            # innermost tracked modules (attention, MLP, embeddings, head) say where backward is.
-            innermost = not any(other.startswith(shown + ".") for other in names)
-            self._handles += self._hook(module, shown, backward=True, backward_always=innermost)
+                self._shallow_modules.append((module, shown))
+        names = [shown for _, shown in self._shallow_modules]
+        # A block's backward begins with its MLP's a moment later: only the innermost say where it is.
+        self._innermost = [
+            (module, shown)
+            for module, shown in self._shallow_modules
+            if not any(other.startswith(shown + ".") for other in names)
+        ]
+        self._tracking = True
+        self._attach_ordinary()
 
-    def _hook(self, module: torch.nn.Module, shown: str, *, backward: bool, backward_always: bool = False) -> list:
+    def _attach_ordinary(self) -> None:
+        for module, shown in self._innermost:
+            self._handles.append(module.register_forward_hook(self._enter_marker(shown)))
+
+    def _hook(self, module: torch.nn.Module, shown: str, *, backward: bool) -> list:
         return [
             module.register_forward_pre_hook(self._pre_hook(shown, backward)),
-            module.register_forward_hook(self._post_hook(shown, backward, backward_always)),
+            module.register_forward_hook(self._post_hook(shown, backward)),
         ]
 
     def detail(self, on: bool) -> None:
-        """Follow the deep modules in forward too (on), or stop (off)."""
+        """Profiled steps (on): every tracked module in forward, projections included, with where
+        backward enters and leaves each; off: back to the ordinary steps' markers."""
+        if on == self._follow_backward_exits:
+            return
         self._follow_backward_exits = on
-        if on and not self._deep_handles:
+        self._remove_handles()
+        if not self._tracking:
+            return
+        if on:
+            for module, shown in self._shallow_modules:
+                self._handles += self._hook(module, shown, backward=True)
             for module, shown in self._deep_modules:
-                self._deep_handles += self._hook(module, shown, backward=False)
-        elif not on:
-            for handle in self._deep_handles:
-                handle.remove()
-            self._deep_handles.clear()
+                self._handles += self._hook(module, shown, backward=False)
+        else:
+            self._attach_ordinary()
 
-    def remove(self) -> None:
-        self.detail(False)
+    def _remove_handles(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def remove(self) -> None:
+        self._tracking = False
+        self._follow_backward_exits = False
+        self._remove_handles()
 
     def _notify(self, event: str, name: str) -> None:
         for listener in self.listeners:
@@ -199,7 +234,19 @@ class Whereabouts:
 
         return hook
 
-    def _post_hook(self, name: str, backward: bool, backward_always: bool) -> Callable:
+    def _enter_marker(self, name: str) -> Callable:
+        """An ordinary step's only hook on a module: when backward reaches its output, it is inside it."""
+        backward_enter = self._backward_enter(name)
+
+        def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            if torch.is_grad_enabled():
+                tensor = _first_grad_tensor(output)
+                if tensor is not None:
+                    _when_gradient_ready(tensor, backward_enter)
+
+        return hook
+
+    def _post_hook(self, name: str, backward: bool) -> Callable:
         backward_enter = self._backward_enter(name)
 
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
@@ -207,7 +254,7 @@ class Whereabouts:
                 self._forward_stack.pop()
             if self.listeners:
                 self._notify("forward_exit", name)
-            if backward and (backward_always or self._follow_backward_exits) and torch.is_grad_enabled():
+            if backward and torch.is_grad_enabled():
                 tensor = _first_grad_tensor(output)
                 if tensor is not None:
                     # Gradient w.r.t. the output is ready: this module's backward begins.
@@ -254,6 +301,29 @@ class Whereabouts:
             return ()
         parts = module.split(".")
         return tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
+
+    def position_at(self, error: BaseException | None) -> Position:
+        """The position, with the module stack read from `error`'s traceback where it holds the
+        model's frames: exact down to the projection or norm that failed, on any step (the hooks
+        follow projections on profiled steps only). A forward failure always has those frames; a
+        backward one has them only inside a checkpointed layer's recomputation."""
+        position = self.position()
+        if error is None or position.phase not in ("forward", "backward") or not self._names_by_id:
+            return position
+        stack = self._stack_in(error.__traceback__)
+        if not stack:
+            return position
+        return dataclasses.replace(position, module=stack[-1], module_stack=stack)
+
+    def _stack_in(self, tb: TracebackType | None) -> tuple[str, ...]:
+        names: list[str] = []
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            name = self._names_by_id.get(id(owner)) if owner is not None else None
+            if name and (not names or names[-1] != name):
+                names.append(name)
+            tb = tb.tb_next
+        return tuple(names)
 
     def position(self) -> Position:
         return Position(

@@ -173,7 +173,7 @@ class Worker:
             outcome = Outcome("stopped", exit_codes.STOPPED, f"stopped by {stop}")
         except BaseException as error:  # noqa: BLE001 - every failure must end as a recorded status
             # Read where we are before anything else runs: hooks and phases move on.
-            position = self.monitor.position() if self.monitor else None
+            position = self.monitor.position(error) if self.monitor else None
             outcome = self._classify(error, traceback.format_exc())
             if outcome.status == "oom":
                 lift_cpu_limit()  # the post-mortem needs memory to be written

@@ -20,12 +20,11 @@ def test_display_names_drop_wrappers():
     assert display_name("_orig_mod.model.norm") == "model.norm"
 
 
-@pytest.mark.parametrize("detail", [False, True])
-def test_a_failure_in_forward_leaves_the_failing_module_on_top(detail):
+def test_on_a_profiled_step_the_hooks_leave_the_failing_module_on_top():
     model = tiny_llama()
     where = Whereabouts()
     where.track_modules(model)
-    where.detail(detail)  # projections are followed on profiled steps only
+    where.detail(True)  # the forward stack is kept on profiled steps; other steps read the traceback
 
     def fail(*args, **kwargs):
         raise MemoryError("simulated")
@@ -38,11 +37,8 @@ def test_a_failure_in_forward_leaves_the_failing_module_on_top(detail):
     position = where.position()
     assert (position.step, position.micro_batch, position.phase) == (7, 2, "forward")
     blocks = ("model", "model.layers.1", "model.layers.1.mlp")
-    if detail:
-        assert position.module == "model.layers.1.mlp.down_proj"
-        assert position.module_stack == (*blocks, "model.layers.1.mlp.down_proj")
-    else:
-        assert position.module == "model.layers.1.mlp" and position.module_stack == blocks
+    assert position.module == "model.layers.1.mlp.down_proj"
+    assert position.module_stack == (*blocks, "model.layers.1.mlp.down_proj")
     assert position.batch_shape == {"batch_size": 1, "seq_len": 16}
 
 
@@ -81,19 +77,25 @@ def test_removed_hooks_stop_tracking():
     assert where.module_stack() == ()
 
 
-def test_detail_adds_and_removes_the_deep_hooks():
+def test_ordinary_steps_hook_only_the_innermost_modules_and_detail_adds_the_rest():
     model = tiny_llama()
     where = Whereabouts()
     where.track_modules(model)
-    down_proj = model.model.layers[0].mlp.down_proj
-    assert not down_proj._forward_pre_hooks
+    layer = model.model.layers[0]
+    down_proj, mlp = layer.mlp.down_proj, layer.mlp
+    # Ordinary: one marker on attention / MLP (where backward enters), nothing on blocks or projections.
+    assert len(mlp._forward_hooks) == 1 and not mlp._forward_pre_hooks
+    assert not layer._forward_hooks and not layer._forward_pre_hooks and not down_proj._forward_hooks
     where.detail(True)
     where.detail(True)  # idempotent: one pair of hooks, not two
     assert len(down_proj._forward_pre_hooks) == 1 and len(down_proj._forward_hooks) == 1
+    assert len(mlp._forward_pre_hooks) == 1 and len(mlp._forward_hooks) == 1  # the marker gave way
+    assert len(layer._forward_pre_hooks) == 1
     where.detail(False)
-    assert not down_proj._forward_pre_hooks and not down_proj._forward_hooks
+    assert not down_proj._forward_pre_hooks and not down_proj._forward_hooks and not layer._forward_hooks
+    assert len(mlp._forward_hooks) == 1
     where.remove()
-    assert not model.model.layers[0].mlp._forward_pre_hooks
+    assert not mlp._forward_pre_hooks and not mlp._forward_hooks
 
 
 def test_norms_and_rotary_tables_are_not_followed_and_attaching_twice_does_not_double_hooks():
@@ -104,8 +106,10 @@ def test_norms_and_rotary_tables_are_not_followed_and_attaching_twice_does_not_d
     assert not model.model.layers[0].input_layernorm._forward_pre_hooks
     assert not model.model.rotary_emb._forward_pre_hooks and not model.model.norm._forward_pre_hooks
     where.track_modules(model)
+    assert len(where._handles) == count
     where.detail(True)
-    assert len(where._handles) == count and len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == 1
+    assert len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == 1
+    assert not model.model.layers[0].input_layernorm._forward_pre_hooks
 
 
 def test_an_ordinary_step_names_each_attention_and_mlp_in_backward_exactly():
@@ -131,3 +135,59 @@ def test_an_ordinary_step_names_each_attention_and_mlp_in_backward_exactly():
     where.enter("backward")
     out.loss.backward()
     assert len(seen) == 4 and all(module == name for name, module in seen.items()), seen
+
+
+def _fail(*args, **kwargs):
+    raise MemoryError("simulated")
+
+
+def _failure(model, where, ids):
+    where.enter("forward", step=3, micro_batch=0)
+    try:
+        model(input_ids=ids)
+    except MemoryError as error:
+        return error
+    raise AssertionError("the forward did not fail")
+
+
+@pytest.mark.parametrize("detail", [False, True])
+def test_the_traceback_names_the_failing_projection_on_any_step(detail):
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+    where.detail(detail)
+    model.model.layers[1].mlp.down_proj.forward = _fail
+    error = _failure(model, where, torch.randint(0, 128, (1, 16)))
+    position = where.position_at(error)
+    assert position.module == "model.layers.1.mlp.down_proj"
+    assert position.module_stack == ("model", "model.layers.1", "model.layers.1.mlp", "model.layers.1.mlp.down_proj")
+    assert (position.step, position.phase) == (3, "forward")
+
+
+def test_the_traceback_names_a_norm_and_an_adapted_layer_under_the_names_users_know():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    where = Whereabouts()
+    where.track_modules(model)
+    ids = torch.randint(0, 128, (1, 16))
+    model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].forward = _fail
+    position = where.position_at(_failure(model, where, ids))
+    assert position.module == "model.layers.0.self_attn.q_proj"  # not …q_proj.lora_A.default
+    del model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].forward
+    model.base_model.model.model.layers[1].input_layernorm.forward = _fail  # norms have no hooks at all
+    position = where.position_at(_failure(model, where, ids))
+    assert position.module == "model.layers.1.input_layernorm"
+    assert position.module_stack[-2:] == ("model.layers.1", "model.layers.1.input_layernorm")
+
+
+def test_without_the_models_frames_the_hooks_position_stands():
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+    where.enter("backward")
+    try:
+        raise MemoryError("in the autograd engine: no module frames")
+    except MemoryError as error:
+        assert where.position_at(error) == where.position()
+    assert where.position_at(None) == where.position()
