@@ -64,11 +64,12 @@ def postmortem_report(pm: PostmortemRecord, fixes: Sequence[Suggestion] = ()) ->
         lines.append(f"  GPU (NVML): no reading ({nvml.get('reason', 'not recorded')})")
     if pm.tensors:
         t = pm.tensors
+        saved = t.get("activation_bytes")  # None: a carried forward (collector.tensors.ActivationCounter)
         lines.append(
             f"  tensors at the failure: parameters {human_bytes(t.get('parameter_bytes'))}, "
             f"gradients {human_bytes(t.get('gradient_bytes'))}, "
             f"optimizer {human_bytes(t.get('optimizer_state_bytes'))}, "
-            f"activations so far {human_bytes(t.get('activation_bytes'))}"
+            f"activations so far {human_bytes(saved) if saved is not None else 'not counted on this step'}"
         )
     if pm.layer_profile:
         top = sorted(pm.layer_profile, key=lambda layer: layer["activation_bytes"], reverse=True)[:5]

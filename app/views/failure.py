@@ -32,9 +32,15 @@ def tensors_at_failure(postmortem: PostmortemRecord) -> str | None:
         f"parameters {human_bytes(tensors.get('parameter_bytes'))}",
         f"gradients {human_bytes(tensors.get('gradient_bytes'))}",
         f"optimizer states {human_bytes(tensors.get('optimizer_state_bytes'))}",
-        f"activations so far {human_bytes(tensors.get('activation_bytes'))}",
+        f"activations so far {_activations_text(tensors.get('activation_bytes'))}",
     ]
     rss = (postmortem.host or {}).get("rss_bytes")
     if rss is not None:
         parts.append(f"process RSS {human_bytes(rss)}")
     return "At the failure: " + ", ".join(parts) + "."
+
+
+def _activations_text(value: int | None) -> str:
+    # None: the failing forward was one the collector carried rather than counted (a batch shape
+    # counted before; see collector.tensors.ActivationCounter), so how far it got is not known.
+    return human_bytes(value) if value is not None else "not counted on this step (its batch shape was, earlier)"
