@@ -1,4 +1,5 @@
-"""The memory estimator's error against GPU measurements other people published (issue #4).
+"""The memory estimator's error against GPU measurements other people published (issue #4), and
+against our own runner's steps measured on a lent GPU where one was recorded (tests/fixtures/gpu/).
 
 Our own GPU runs can only check the estimator on the machines and library versions we happen to
 have; numbers published by litgpt, IBM's fms-acceleration benchmarks and the PEFT docs were taken
@@ -139,6 +140,43 @@ def load_points(path: Path = POINTS_PATH) -> tuple[list[Point], dict[str, dict[s
             )
         )
     return points, model_configs
+
+
+GPU_RECORDINGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpu"
+# Below this a measured peak is mostly the CUDA runtime's own allocations (cuBLAS workspaces),
+# which no estimate of a training step models: such rows are shown but left out of the summary.
+RECORDED_SUMMARY_FLOOR_BYTES = 1024**3
+
+
+def recorded_points(folder: Path = GPU_RECORDINGS) -> list[Point]:
+    """Steady-state steps our own runner measured on a lent GPU (bench/gpu_record.py's peaks.json,
+    kept unchanged under tests/fixtures/gpu/): peak allocated and peak reserved, per config."""
+    points = []
+    for manifest_path in sorted(folder.glob("*/manifest.json")):
+        peaks_path = manifest_path.with_name("peaks.json")
+        if not peaks_path.is_file():
+            continue
+        manifest = json.loads(manifest_path.read_text())
+        source = f"oomlens bench/gpu_record.py, torch {manifest['torch']} ({manifest_path.parent.name})"
+        for row in json.loads(peaks_path.read_text()):
+            measured = row.get("measured") or {}
+            if "peak_allocated_bytes" not in measured:
+                continue
+            small = measured["peak_allocated_bytes"] < RECORDED_SUMMARY_FLOOR_BYTES
+            for metric in ("peak_allocated", "peak_reserved"):
+                points.append(
+                    Point(
+                        id=f"gpu-{row['name']}-{metric.split('_')[1]}",
+                        source=source,
+                        metric=metric,
+                        bytes=int(measured[f"{metric}_bytes"]),
+                        config=row["config"],
+                        exclude_reason="a peak of MiBs: the CUDA runtime's own allocations weigh" if small else None,
+                        gpu=manifest["gpu"],
+                        stack="oomlens-runner",
+                    )
+                )
+    return points
 
 
 def build_config(point: Point, model_configs: dict[str, dict[str, Any]], workdir: Path) -> RunConfig:
@@ -430,9 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--traced", action="store_true", help="also run the traced estimator (slow)")
     parser.add_argument("--only", nargs="+", metavar="ID", help="estimate these point ids only")
     parser.add_argument("--write", action="store_true", help=f"replace the section in {RESULTS_PATH.name}")
+    parser.add_argument(
+        "--no-recorded", action="store_true", help="leave out our own GPU recordings (tests/fixtures/gpu/*/peaks.json)"
+    )
     args = parser.parse_args(argv)
 
     points, model_configs = load_points(args.points)
+    if not args.no_recorded:
+        points += recorded_points()
     if args.only:
         unknown = sorted(set(args.only) - {point.id for point in points})
         if unknown:

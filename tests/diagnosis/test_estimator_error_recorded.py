@@ -1,0 +1,35 @@
+"""bench.estimator_error reads our own GPU recordings as points: the layout bench/gpu_record.py
+writes, built here in a temporary folder (a loader test, not a recording)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.estimator_error import recorded_points
+from trainer.config import validate_config
+
+
+def test_each_measured_config_becomes_an_allocated_and_a_reserved_point(tmp_path):
+    folder = tmp_path / "torch-x-gpu"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"torch": "2.11.0", "gpu": "Some GPU"}))
+    config = validate_config({"model": {"name": "llama-3.2-1b", "dtype": "bf16"}, "train": {"device": "cuda"}})
+    rows = [
+        {"name": "big", "config": config.to_dict(), "measured": {"peak_allocated_bytes": 3 * 2**30,
+                                                                 "peak_reserved_bytes": 4 * 2**30}},
+        {"name": "tiny", "config": config.to_dict(), "measured": {"peak_allocated_bytes": 2**20,
+                                                                  "peak_reserved_bytes": 2**21}},
+        {"name": "failed", "config": config.to_dict(), "measured": {"error": "CUDA out of memory"}},
+    ]  # fmt: skip
+    (folder / "peaks.json").write_text(json.dumps(rows))
+    points = {point.id: point for point in recorded_points(tmp_path)}
+    assert set(points) == {"gpu-big-allocated", "gpu-big-reserved", "gpu-tiny-allocated", "gpu-tiny-reserved"}
+    assert points["gpu-big-reserved"].metric == "peak_reserved" and points["gpu-big-reserved"].bytes == 4 * 2**30
+    assert points["gpu-big-allocated"].exclude_reason is None
+    assert points["gpu-tiny-allocated"].exclude_reason  # MiBs: shown, not summarised
+    assert points["gpu-big-allocated"].gpu == "Some GPU" and "torch 2.11.0" in points["gpu-big-allocated"].source
+    assert validate_config(points["gpu-big-allocated"].config) == config
+
+
+def test_no_recording_means_no_points(tmp_path):
+    assert recorded_points(tmp_path) == []
