@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -673,8 +674,19 @@ def _optimizer(cfg: RunConfig, model: torch.nn.Module, on_cuda: bool) -> tuple[O
     return optimizer, []
 
 
+# The trace patches transformers and torch process-wide (`_eager_transformers`, `_cuda_kernels`),
+# and the dashboard runs each browser session in a thread of one process: two traces at once would
+# restore each other's patches mid-trace. One at a time; a second waits (seconds to a minute).
+_TRACE_LOCK = threading.Lock()
+
+
 def estimate_traced(cfg: RunConfig, *, device: str = "cuda") -> MemoryEstimate:
     """Peak allocated bytes of one training step of `cfg` on `device` ("cuda" or "cpu"), traced."""
+    with _TRACE_LOCK:
+        return _estimate_traced(cfg, device)
+
+
+def _estimate_traced(cfg: RunConfig, device: str) -> MemoryEstimate:
     on_cuda = device.startswith("cuda")
     try:
         with _eager_transformers(), _cuda_kernels() if on_cuda else nullcontext():
@@ -723,8 +735,8 @@ def _eager_transformers() -> Iterator[None]:
     data-dependent path open: it builds the (batch, 1, seq, seq) causal mask the runner never
     allocates, and with a mask SDPA loses its GQA path (`repeat_kv` copies K and V). The runner's
     inputs answer those questions without reading them: no attention mask, positions 0..seq-1, so
-    one unpadded sequence per row. The patches are process-wide while the trace runs: nothing
-    else in an estimating process runs transformers meanwhile.
+    one unpadded sequence per row. The patches are process-wide while the trace runs, so traces
+    take turns (`_TRACE_LOCK`).
     """
     import transformers.masking_utils as masking
     import transformers.utils.import_utils as import_utils

@@ -383,3 +383,36 @@ def test_long_accumulation_traces_two_micro_batches_with_the_same_peak():
     many = estimate_traced(validate_config({**base, "train": {"grad_accum_steps": 64}}), device="cpu")
     assert many.peak_allocated_bytes == two.peak_allocated_bytes and many.breakdown == two.breakdown
     assert any("2 of the 64 accumulation micro-batches" in note for note in many.notes)
+
+
+def test_traces_from_two_threads_take_turns(monkeypatch):
+    """The dashboard traces in session threads; the process-wide patches must not interleave."""
+    import threading
+    import time
+
+    import diagnosis.traced as traced_module
+
+    spans = []
+    real = traced_module._trace_fake
+
+    def slow_trace(cfg, on_cuda):
+        started = time.monotonic()
+        time.sleep(0.3)
+        result = real(cfg, on_cuda)
+        spans.append((started, time.monotonic()))
+        return result
+
+    monkeypatch.setattr(traced_module, "_trace_fake", slow_trace)
+    cfg = make_config(AGREEMENT_CASES["llama-lora-sdpa"])
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(traced_module.estimate_traced(cfg, device="cpu")))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(results) == 2 and results[0].peak_allocated_bytes == results[1].peak_allocated_bytes
+    (first_start, first_end), (second_start, _) = sorted(spans)
+    assert second_start >= first_end  # the second began only after the first had finished
