@@ -2,9 +2,11 @@
 
 Independent of how the model is trained: the runner's loop and (later) an HF Trainer callback
 call the same four methods. Per step it costs one `memory_stats()` call on CUDA, one read of
-/proc for RSS, and a walk over parameters and optimizer state; it never reads a tensor's value
-on the step's critical path. The loss is copied to host memory without blocking and read once
-the copy has completed, so a sample can reach the sink a step or two late on CUDA.
+/proc for RSS and a walk over the gradients; optimizer states are walked when they can have
+changed and activations counted when a batch shape is new or due a recount (collector.tensors).
+It never reads a tensor's value on the step's critical path. The loss is copied to host memory
+without blocking and read once the copy has completed, so a sample can reach the sink a step or
+two late on CUDA.
 """
 
 from __future__ import annotations

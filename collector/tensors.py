@@ -63,9 +63,10 @@ class OptimizerStateMeter:
 
     Optimizers allocate their states at the first step that sees a parameter and keep their sizes
     after (AdamW, Adafactor, SGD momentum, bitsandbytes' 8-bit and paged states), so the walk,
-    which grows with the number of adapted modules (~1.5 ms a step for LoRA on every linear of a
-    7B model), is repeated when the number of parameters holding state changes and every
-    `recount_every` reads otherwise, which catches an optimizer that resizes a state in place.
+    which grows linearly with the trainable tensors (28 µs for the tiny Llama's 8 adapted matrices
+    on the CPU machine; a 7B model with LoRA on every linear has 448), is repeated when the number of
+    parameters holding state changes and every `recount_every` reads otherwise, which catches an
+    optimizer that resizes a state in place.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, recount_every: int = 50):

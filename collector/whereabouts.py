@@ -127,7 +127,7 @@ class Whereabouts:
         self._shallow_modules: list[tuple[torch.nn.Module, str]] = []
         self._innermost: list[tuple[torch.nn.Module, str]] = []
         self._deep_modules: list[tuple[torch.nn.Module, str]] = []
-        self._follow_backward_exits = False  # detail on: the full set of hooks is attached
+        self._detailed = False  # the full set of hooks is attached (a profiled step)
         # Every module of the tracked model by id, under the name a user knows (adapter parts under
         # the layer they adapt): how a failure's traceback is read back into module names.
         self._names_by_id: dict[int, str] = {}
@@ -191,9 +191,9 @@ class Whereabouts:
     def detail(self, on: bool) -> None:
         """Profiled steps (on): every tracked module in forward, projections included, with where
         backward enters and leaves each; off: back to the ordinary steps' markers."""
-        if on == self._follow_backward_exits:
+        if on == self._detailed:
             return
-        self._follow_backward_exits = on
+        self._detailed = on
         self._remove_handles()
         if not self._tracking:
             return
@@ -212,7 +212,7 @@ class Whereabouts:
 
     def remove(self) -> None:
         self._tracking = False
-        self._follow_backward_exits = False
+        self._detailed = False
         self._remove_handles()
 
     def _notify(self, event: str, name: str) -> None:
@@ -226,7 +226,7 @@ class Whereabouts:
             self._forward_stack.append(name)
             if self.listeners:
                 self._notify("forward_enter", name)
-            if backward and self._follow_backward_exits and torch.is_grad_enabled():
+            if backward and torch.is_grad_enabled():
                 tensor = _first_grad_tensor(args)
                 if tensor is not None:
                     # Gradient w.r.t. the input is ready: this module's backward is done.
