@@ -70,7 +70,9 @@ def _table(frame) -> None:
             "Open": st.column_config.LinkColumn(display_text="open", help="the run's page, in a new tab"),
             **{
                 column: st.column_config.NumberColumn(
-                    f"{column} (GiB)", format="%.2f", help="largest in any step; empty where not measured (CPU runs)"
+                    f"{column} (GiB)",
+                    format="%.2f",
+                    help="largest in any step; None where not measured (a CPU run has no caching allocator)",
                 )
                 for column in SIZE_COLUMNS
             },
