@@ -72,7 +72,7 @@ def _table(frame) -> None:
                 column: st.column_config.NumberColumn(
                     f"{column} (GiB)",
                     format="%.2f",
-                    help="largest in any step; None where not measured (a CPU run has no caching allocator)",
+                    help="largest in any step; None where not measured (allocated and reserved need CUDA's allocator)",
                 )
                 for column in SIZE_COLUMNS
             },
