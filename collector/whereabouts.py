@@ -87,6 +87,14 @@ def _when_gradient_ready(tensor: torch.Tensor, hook: Callable[[object], None]) -
         tensor.register_hook(hook)
 
 
+def _on_gradient_of(value: object, hook: Callable[[object], None]) -> None:
+    """Hook the gradient of the first tensor in a module's input or output that will get one."""
+    if torch.is_grad_enabled():
+        tensor = _first_grad_tensor(value)
+        if tensor is not None:
+            _when_gradient_ready(tensor, hook)
+
+
 def _adapted_layer(name: str) -> str:
     """`…q_proj.lora_A.default` → `…q_proj`: an adapter's parts belong to the layer they adapt."""
     parts = name.split(".")
@@ -226,11 +234,8 @@ class Whereabouts:
             self._forward_stack.append(name)
             if self.listeners:
                 self._notify("forward_enter", name)
-            if backward and torch.is_grad_enabled():
-                tensor = _first_grad_tensor(args)
-                if tensor is not None:
-                    # Gradient w.r.t. the input is ready: this module's backward is done.
-                    _when_gradient_ready(tensor, backward_exit)
+            if backward:
+                _on_gradient_of(args, backward_exit)  # w.r.t. the input: this module's backward is done
 
         return hook
 
@@ -239,10 +244,7 @@ class Whereabouts:
         backward_enter = self._backward_enter(name)
 
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
-            if torch.is_grad_enabled():
-                tensor = _first_grad_tensor(output)
-                if tensor is not None:
-                    _when_gradient_ready(tensor, backward_enter)
+            _on_gradient_of(output, backward_enter)
 
         return hook
 
@@ -254,11 +256,8 @@ class Whereabouts:
                 self._forward_stack.pop()
             if self.listeners:
                 self._notify("forward_exit", name)
-            if backward and torch.is_grad_enabled():
-                tensor = _first_grad_tensor(output)
-                if tensor is not None:
-                    # Gradient w.r.t. the output is ready: this module's backward begins.
-                    _when_gradient_ready(tensor, backward_enter)
+            if backward:
+                _on_gradient_of(output, backward_enter)  # w.r.t. the output: this module's backward begins
 
         return hook
 
