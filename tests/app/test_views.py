@@ -56,10 +56,9 @@ def test_only_the_runs_own_worker_is_signalled(cmdline, is_worker):
 def _postmortem(nvml):
     import dataclasses
 
-    from db.queries import PostmortemRecord
+    from tests.app.test_compare_view import postmortem
 
-    fields = {field.name: None for field in dataclasses.fields(PostmortemRecord)}
-    return PostmortemRecord(**{**fields, "nvml": nvml, "module_stack": (), "recent_steps": (), "layer_profile": ()})
+    return dataclasses.replace(postmortem(1), nvml=nvml)
 
 
 def test_the_gpu_line_splits_the_card_into_this_process_and_the_others():
