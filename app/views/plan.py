@@ -266,20 +266,18 @@ def side_by_side_summary(
     """Which model needs more at the device level, and the two components that differ most, with the
     shape facts that make them differ."""
     a, b = estimates
-    total = b.device_bytes - a.device_bytes
-    if total == 0:
+    if a.device_bytes == b.device_bytes:
         return f"{names[0]} and {names[1]} need the same at the device level: {human_bytes(a.device_bytes)}."
-    more, less = (names[1], names[0]) if total > 0 else (names[0], names[1])
-    sign = 1 if total > 0 else -1
-    differences = sorted(
-        ((sign * (b.breakdown[key] - a.breakdown[key]), key) for key in _COMPONENT_LABELS),
-        reverse=True,
-    )
+    if a.device_bytes > b.device_bytes:  # put the hungrier model second
+        names, estimates, shapes = names[::-1], estimates[::-1], shapes[::-1]
+        a, b = estimates
+    less, more = names
+    other, hungrier = shapes
+    differences = sorted(((b.breakdown[key] - a.breakdown[key], key) for key in _COMPONENT_LABELS), reverse=True)
     reasons = []
     for difference, key in differences[:2]:
         if difference <= 0:
             break
-        hungrier, other = (shapes[1], shapes[0]) if sign > 0 else (shapes[0], shapes[1])
         # Only the facts that point the same way: a wider MLP explains more activations, fewer layers do not.
         drivers = [
             f"{_SHAPE_LABELS[fact]} {_shape_text(fact, _shape_value(hungrier, fact))} vs "
@@ -289,7 +287,8 @@ def side_by_side_summary(
         ]
         why = f" ({', '.join(drivers)})" if drivers else ""
         reasons.append(f"{_COMPONENT_LABELS[key].lower()} +{human_bytes(difference)}{why}")
+    total = b.device_bytes - a.device_bytes
     return (
-        f"{more} needs {human_bytes(abs(total))} more than {less} at the device level"
+        f"{more} needs {human_bytes(total)} more than {less} at the device level"
         + (": " + "; ".join(reasons) + "." if reasons else ".")
     )
