@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
-from diagnosis.sharding import shard_components, zero3_gathered_bytes
+from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components
 from trainer.config import RunConfig
 
 BYTES_PER_MIB = 1024**2
@@ -930,7 +930,7 @@ def _grad_fractions(run: _Run) -> tuple[float, float]:
     return s.layer_parameters() / total, embeddings / total
 
 
-def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: int) -> list[_Moment]:
+def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered) -> list[_Moment]:
     """The candidate peaks of a steady-state step (optimizer states already exist)."""
     s = run.shape
     activations = acts.total(s.num_layers)
@@ -955,7 +955,12 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: int) -> l
         embedding_t += max(head_grad, largest)
     return [
         _moment(
-            "forward", **common, gradients=held, activations=activations, logits_loss=loss_forward, transient=gathered
+            "forward",
+            **common,
+            gradients=held,
+            activations=activations,
+            logits_loss=loss_forward,
+            transient=gathered.forward,
         ),
         # Inside the last layer's attention: its MLP, the head and the loss have kept nothing yet.
         _moment(
@@ -963,18 +968,23 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: int) -> l
             **common,
             gradients=held,
             activations=activations - last_layer_rest - acts.head,
-            transient=forward_t + gathered,
+            transient=forward_t + gathered.forward,
         ),
         _moment(
-            "backward", **common, gradients=held, activations=activations, logits_loss=loss_backward, transient=gathered
+            "backward",
+            **common,
+            gradients=held,
+            activations=activations,
+            logits_loss=loss_backward,
+            transient=gathered.backward,
         ),
         # The top layer's backward, with the lm_head's gradient just made.
         _moment(
             "backward",
             **common,
-            gradients=max(held, min(head_grad, st.gradients)),
+            gradients=held if gathered.holds_head_gradient else max(held, min(head_grad, st.gradients)),
             activations=activations,
-            transient=backward_t + gathered,
+            transient=backward_t + gathered.backward,
         ),
         # Layer 0's backward: every gradient but its own and the embeddings' exists.
         _moment(
@@ -982,14 +992,14 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: int) -> l
             **common,
             gradients=before_layer0,
             activations=acts.embedding + acts.mask + acts.first_layer,
-            transient=backward_t + gathered,
+            transient=backward_t + gathered.backward,
         ),
         _moment(
             "backward",
             **common,
             gradients=st.gradients,
             activations=acts.embedding + acts.mask,
-            transient=embedding_t + gathered,
+            transient=embedding_t + gathered.backward,
         ),
         _moment(
             "optimizer",
@@ -1074,8 +1084,13 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
             "bitsandbytes dequantises each quantised weight for its matmul: the largest d_in·d_out × 2 B "
             "is counted as a transient; its kernels' workspaces are not"
         )
-    if cfg.train.num_gpus > 1 and (cfg.deepspeed is None or cfg.deepspeed.zero_stage == 0):
+    if cfg.train.num_gpus > 1 and (cfg.deepspeed is None or cfg.deepspeed.zero_stage == 0) and not fsdp_strategy(cfg):
         notes.append("data parallel without ZeRO: every rank holds everything; DDP gradient buckets not counted")
+    if fsdp_strategy(cfg):
+        notes.append(
+            "FSDP: one unit per decoder layer (transformer-based wrap); LoRA adapters wrapped apart (peft's "
+            "fsdp_auto_wrap_policy) so frozen units get no gradient; FSDP2's per-parameter sharding holds the same"
+        )
     if cfg.train.num_gpus > 1:
         notes.append("NCCL communication buffers are not counted")
     if cfg.train.optimizer.startswith("paged"):
@@ -1129,7 +1144,7 @@ def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape
         optimizer_transient=sharded["optimizer_transient"],
         states_paged=cfg.train.optimizer.startswith("paged"),
     )
-    gathered = zero3_gathered_bytes(shape, cfg)
+    gathered = gathered_parameter_bytes(shape, cfg)
     moments = _moments(run, acts, persistent, gathered)
     peak = max(moments, key=lambda moment: moment.total)
     runtime = CUDA_CONTEXT_BYTES if run.device == "cuda" else 0
@@ -1143,7 +1158,7 @@ def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape
         *_logit_terms(run, acts),
     ]
     if gathered:
-        terms.append(Term("ZeRO-3 gathered parameters", gathered, "largest module + prefetch bucket", SRC_ZERO))
+        terms.append(gathered.term())
     reserve = allocator_reserve_bytes(peak.total) if run.device == "cuda" else 0
     if reserve:
         terms.append(reserve_term(peak.total))

@@ -48,6 +48,7 @@ from diagnosis.analytic import (
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
+from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from trainer.config import RunConfig
 
 # CUDA_BLOCK_BYTES: the CUDA caching allocator hands out blocks in multiples of 512 bytes
@@ -873,8 +874,6 @@ def _per_rank(trace: StepTrace, cfg: RunConfig) -> _PerRank:
     """Each phase's peak under ZeRO (`diagnosis.sharding`, shared with the analytic mode).
     Sharding can move the peak (a full fine-tune's optimizer step shrinks the most), so every
     phase is sharded and the largest is taken after."""
-    from diagnosis.sharding import shard_components
-
     whole = {
         "parameters": trace.parameter_bytes,
         "gradients": trace.gradient_bytes,
@@ -884,7 +883,7 @@ def _per_rank(trace: StepTrace, cfg: RunConfig) -> _PerRank:
     sharded, terms = shard_components(whole, cfg)
     if sharded == whole:
         return _PerRank(trace.phase_peaks, whole, terms, [])
-    gathered, notes = _zero3_gathered(cfg)
+    gathered, notes = _gathered(cfg)
     peaks = {}
     for phase, at_peak in trace.phase_peaks.items():
         moment = dict(at_peak)
@@ -896,25 +895,23 @@ def _per_rank(trace: StepTrace, cfg: RunConfig) -> _PerRank:
             key = "optimizer_transient"
             moment["transient"] = _scaled(at_peak["transient"], whole[key], sharded[key])
         else:
-            moment["parameters"] += gathered
+            moment["parameters"] += gathered.backward if phase == "backward" else gathered.forward
         peaks[phase] = moment
     return _PerRank(peaks, sharded, terms, notes)
 
 
-def _zero3_gathered(cfg: RunConfig) -> tuple[int, list[str]]:
-    """ZeRO-3 gathers a module's parameters to full size while it computes; the trace ran with
+def _gathered(cfg: RunConfig) -> tuple[Gathered, list[str]]:
+    """ZeRO-3 and FSDP gather parameters to full size while a module computes; the trace ran with
     whole parameters, so the analytic mode's count of them is added."""
     from diagnosis.architecture import ArchitectureError, shape_for
-    from diagnosis.sharding import zero3_gathered_bytes, zero_stage
 
-    if zero_stage(cfg) != 3:
-        return 0, []
+    if zero_stage(cfg) != 3 and not fsdp_strategy(cfg):
+        return Gathered(), []
     try:
-        return zero3_gathered_bytes(shape_for(cfg.model.name), cfg), [
-            "ZeRO-3: the gathered parameters (largest module + prefetch) are added to forward and backward"
-        ]
+        gathered = gathered_parameter_bytes(shape_for(cfg.model.name), cfg)
     except ArchitectureError as error:
-        return 0, [f"ZeRO-3 gathered parameters not counted: {error}"]
+        return Gathered(), [f"gathered parameters not counted: {error}"]
+    return gathered, [f"{gathered.name} ({gathered.formula}) are added to forward and backward"]
 
 
 def _estimate(trace: StepTrace, cfg: RunConfig, on_cuda: bool, notes: list[str]) -> MemoryEstimate:

@@ -112,6 +112,19 @@ class DeepSpeedConfig(_Section):
     offload_params: Literal["none", "cpu", "nvme"] = "none"
 
 
+class FsdpConfig(_Section):
+    """PyTorch FSDP, as accelerate's `fsdp_config` names it. The estimator models it; the runner
+    does not train with it. Kept apart from `deepspeed` because FSDP lays the optimizer out
+    differently: AdamW states in the parameters' own dtype and no fp32 master copy."""
+
+    # full_shard: weights, gradients and states (ZeRO-3's split); shard_grad_op: gradients and
+    # states, weights kept whole from forward to backward (ZeRO-2's); no_shard: DDP.
+    sharding_strategy: Literal["full_shard", "shard_grad_op", "no_shard"] = "full_shard"
+    # CPUOffload(offload_params=True): sharded weights, gradients and optimizer states live in host
+    # memory; each unit is still gathered onto the GPU to compute.
+    offload_params: bool = False
+
+
 class MonitorConfig(_Section):
     nvml_interval_s: float = Field(1.0, ge=0.05, le=3600)
     # Count activation bytes saved for backward (saved-tensor hooks) ...
@@ -144,6 +157,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     deepspeed: DeepSpeedConfig | None = None
+    fsdp: FsdpConfig | None = None
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
@@ -255,6 +269,20 @@ def _cross_checks(cfg: RunConfig, broken: set[str]) -> list[ConfigIssue]:
         add("deepspeed.offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3", reads=("deepspeed.zero_stage",))
     if cfg.deepspeed and cfg.deepspeed.offload_params != "none" and stage != 3:
         add("deepspeed.offload_params", "needs deepspeed.zero_stage 3", reads=("deepspeed.zero_stage",))
+    if (
+        cfg.fsdp is not None
+        and cfg.deepspeed is not None
+        and (stage > 0 or "none" not in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params))
+    ):
+        add(
+            "fsdp", "FSDP and DeepSpeed ZeRO both shard the model: keep one of fsdp and deepspeed", reads=("deepspeed",)
+        )
+    if cfg.fsdp is not None and cfg.fsdp.offload_params and cfg.fsdp.sharding_strategy == "no_shard":
+        add(
+            "fsdp.offload_params",
+            "needs sharding_strategy full_shard or shard_grad_op",
+            reads=("fsdp.sharding_strategy",),
+        )
     if cfg.memory.alloc_conf is not None and not cfg.memory.alloc_conf.strip():
         add("memory.alloc_conf", "empty; leave it null or give e.g. expandable_segments:True")
     return issues
@@ -298,10 +326,10 @@ def runner_issues(cfg: RunConfig) -> list[ConfigIssue]:
                 "(python -m diagnosis estimate)",
             )
         )
+    if cfg.fsdp is not None:
+        issues.append(ConfigIssue("fsdp", "the runner trains without FSDP for now; the fsdp keys are for estimates"))
     if cfg.train.num_gpus > 1:
-        issues.append(
-            ConfigIssue("train.num_gpus", "the runner trains on one device; num_gpus > 1 is for estimates")
-        )
+        issues.append(ConfigIssue("train.num_gpus", "the runner trains on one device; num_gpus > 1 is for estimates"))
     return issues
 
 

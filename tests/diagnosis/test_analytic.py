@@ -21,7 +21,7 @@ from diagnosis.analytic import CUDA_CONTEXT_BYTES, NF4_BYTES_PER_PARAM, estimate
 from diagnosis.architecture import shape_for, shape_from_config_dict
 from diagnosis.estimate import BREAKDOWN_KEYS
 from diagnosis.reserve import allocator_reserve_bytes
-from diagnosis.sharding import REDUCE_BUCKET_ELEMENTS, shard_components
+from diagnosis.sharding import REDUCE_BUCKET_ELEMENTS, gathered_parameter_bytes, shard_components
 from trainer.config import RunConfig, apply_overrides, validate_config
 
 GIB = 1024**3
@@ -312,6 +312,40 @@ def test_offload_moves_states_and_parameters_off_the_device():
     assert sharded["parameters"] == 0 and sharded["optimizer_states"] == 0 and sharded["other"] == 7
     assert any("offloaded to cpu" in term.name for term in terms)
     assert shard_components({"gradients": 20}, config())[0] == {"gradients": 20}  # no ZeRO: unchanged
+
+
+def test_fsdp_shards_like_zero3_but_keeps_no_fp32_master_or_fp32_states():
+    psi, ranks = shape_for("llama-2-7b").parameter_count(), 8
+    common = dict(model={"name": "llama-2-7b", "dtype": "bf16"}, lora=None, train={"num_gpus": ranks})
+    fsdp = config(**common, fsdp={"sharding_strategy": "full_shard"})
+    # The torch optimizer steps the bf16 shards: 2 + 2 + 4 bytes per parameter, ÷ ranks.
+    assert _states(fsdp) == pytest.approx((2 * psi / ranks, 2 * psi / ranks, 4 * psi / ranks), abs=1)
+    zero3 = config(**common, deepspeed={"zero_stage": 3})
+    assert _states(zero3)[2] == pytest.approx(3 * _states(fsdp)[2], rel=1e-6)  # 12Ψ/N against 4Ψ/N
+    # DDP (no_shard) holds everything, as without FSDP.
+    assert _states(config(**common, fsdp={"sharding_strategy": "no_shard"})) == _states(config(**common))
+
+
+def test_fsdp_gathers_the_root_and_two_layer_units_and_shard_grad_op_every_unit():
+    shape = shape_for("mistral-7b")
+    full = config(model={"name": "mistral-7b", "dtype": "bf16"}, lora=None, train={"num_gpus": 2}, fsdp={})
+    root = (shape.embedding_parameters() + shape.final_norm_parameters() + shape.lm_head_parameters()) * 2
+    gathered = gathered_parameter_bytes(shape, full)
+    assert gathered.forward == root + 2 * shape.layer_parameters() * 2
+    # A full fine-tune's backward also holds the computing unit's and the root's unsharded gradients.
+    grads = (shape.layer_parameters() + root // 2) * 2
+    assert gathered.backward == gathered.forward + grads and gathered.holds_head_gradient
+    grad_op = config(**{**full.to_dict(), "fsdp": {"sharding_strategy": "shard_grad_op"}})
+    assert gathered_parameter_bytes(shape, grad_op).forward == root + shape.num_layers * shape.layer_parameters() * 2
+    # LoRA: the adapters are FSDP units of their own (peft's wrap policy); frozen units make no gradient.
+    lora = config(model={"name": "mistral-7b", "dtype": "bf16"}, train={"num_gpus": 2}, fsdp={})
+    assert gathered_parameter_bytes(shape, lora).backward == gathered_parameter_bytes(shape, lora).forward
+    # Offloaded, the shards live on the host but every unit is still gathered on the GPU.
+    offload = config(**{**full.to_dict(), "fsdp": {"offload_params": True}})
+    estimate = estimate_analytic(offload)
+    assert estimate.totals["parameters"] == estimate.totals["optimizer_states"] == 0
+    assert gathered_parameter_bytes(shape, offload) == gathered
+    assert any(term.name.startswith("FSDP FULL_SHARD gathered") for term in estimate.terms)
 
 
 def test_lora_trains_r_times_d_in_plus_d_out_per_matrix():

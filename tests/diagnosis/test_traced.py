@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import diagnosis.traced as traced_module
 from collector.readings import StepSample, TensorBreakdown
 from collector.tensors import unique_storage_bytes
-from diagnosis.analytic import CUDA_CONTEXT_BYTES
+from diagnosis.analytic import CUDA_CONTEXT_BYTES, estimate_analytic
 from diagnosis.estimate import BREAKDOWN_KEYS
 from diagnosis.reserve import allocator_reserve_bytes
 from diagnosis.traced import (
@@ -317,6 +317,19 @@ def test_zero_sharding_divides_the_states_of_each_rank():
     assert zero2.totals["parameters"] == single.totals["parameters"]
     assert zero2.peak_allocated_bytes < single.peak_allocated_bytes
     assert any("ZeRO-2" in term.name for term in zero2.terms)
+
+
+def test_fsdp_divides_every_state_and_adds_the_gathered_units_to_forward_and_backward():
+    single = traced("qwen2-full-checkpointing")
+    cfg = make_config({**AGREEMENT_CASES["qwen2-full-checkpointing"], "fsdp": {}, "train": {"num_gpus": 4}})
+    fsdp = estimate_traced(cfg, device="cpu")
+    for key in ("gradients", "optimizer_states"):
+        assert fsdp.totals[key] == -(-single.totals[key] // 4)
+    assert fsdp.totals["parameters"] < single.totals["parameters"]
+    assert any("FSDP FULL_SHARD gathered units" in note for note in fsdp.notes)
+    assert fsdp.peak_allocated_bytes < single.peak_allocated_bytes
+    analytic = estimate_analytic(cfg, device="cpu")
+    assert fsdp.peak_allocated_bytes == pytest.approx(analytic.peak_allocated_bytes, rel=0.10)
 
 
 def test_a_checkpoint_directory_is_traced_from_its_config_alone(tmp_path):

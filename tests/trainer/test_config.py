@@ -146,6 +146,25 @@ def test_estimate_keys_validate_and_round_trip():
     assert RunConfig().deepspeed is None and RunConfig().model.quantization == "none"
 
 
+def test_fsdp_is_an_estimate_key_that_excludes_zero_and_the_runner_refuses():
+    cfg = validate_config({"train": {"num_gpus": 4}, "fsdp": {"sharding_strategy": "shard_grad_op"}})
+    assert cfg.fsdp.sharding_strategy == "shard_grad_op" and cfg.fsdp.offload_params is False
+    assert validate_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert RunConfig().fsdp is None
+    assert "fsdp" in [issue.key for issue in runner_issues(cfg)]
+    with pytest.raises(ConfigError) as caught:
+        validate_config(
+            {
+                "deepspeed": {"zero_stage": 3},
+                "fsdp": {"sharding_strategy": "no_shard", "offload_params": True},
+            }
+        )
+    keys = sorted(issue.key for issue in caught.value.issues)
+    assert keys == ["fsdp", "fsdp.offload_params"]
+    with pytest.raises(ConfigError, match="fsdp.sharding_strategy"):
+        validate_config({"fsdp": {"sharding_strategy": "hybrid"}})
+
+
 def test_prepare_for_kbit_training_is_on_by_default_and_can_be_turned_off():
     # On: the runner calls peft.prepare_model_for_kbit_training on a quantised base, as TRL and the QLoRA
     # examples do; off restates training code that does not (litgpt, sharded QLoRA).
