@@ -559,6 +559,8 @@ def _rule_zero_offload(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
     if cfg is None:
         return []
+    if cfg.fsdp is not None:
+        return _fsdp_sharding(ctx, cfg)
     out = []
     stage = cfg.deepspeed.zero_stage if cfg.deepspeed else 0
     if cfg.train.num_gpus > 1 and stage < 3:
@@ -579,6 +581,33 @@ def _rule_zero_offload(ctx: _Context) -> list[Suggestion]:
             why = (
                 f"Moving optimizer states to host memory (ZeRO-Offload) saves {human_bytes(saves)} on the GPU, "
                 "at a large cost in step time; needs DeepSpeed."
+            )
+            out.append(Suggestion("offload", _change_text(patch), saves, "low", why, patch))
+    return out
+
+
+def _fsdp_sharding(ctx: _Context, cfg: RunConfig) -> list[Suggestion]:
+    """The same two levers as ZeRO, in the keys of a run that already uses FSDP."""
+    assert cfg.fsdp is not None
+    out = []
+    if cfg.train.num_gpus > 1 and cfg.fsdp.sharding_strategy != "full_shard":
+        patch: dict[str, Any] = {"fsdp.sharding_strategy": "full_shard"}
+        saves = ctx.what_if(patch)
+        if saves and saves > 0:
+            why = (
+                f"FSDP FULL_SHARD also shards the weights across the {cfg.train.num_gpus} GPUs and gathers one "
+                f"decoder layer at a time (ZeRO-3's split): saves {human_bytes(saves)} per GPU."
+            )
+            out.append(Suggestion("zero", _change_text(patch), saves, "medium", why, patch))
+    if not cfg.fsdp.offload_params and cfg.train.num_gpus > 1:
+        patch = {"fsdp.offload_params": True}
+        if cfg.fsdp.sharding_strategy == "no_shard":
+            patch["fsdp.sharding_strategy"] = "full_shard"
+        saves = ctx.what_if(patch)
+        if saves and saves > 16 * MIB:
+            why = (
+                f"FSDP CPU offload keeps the weight, gradient and optimizer shards in host memory: saves "
+                f"{human_bytes(saves)} on the GPU, at a large cost in step time."
             )
             out.append(Suggestion("offload", _change_text(patch), saves, "low", why, patch))
     return out

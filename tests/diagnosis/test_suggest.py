@@ -163,3 +163,23 @@ def test_a_snapshots_oom_event_supplies_the_request_and_the_cache():
     }
     first = suggest(Evidence(snapshot=snapshot, torch_version="2.5.1"))[0]
     assert first.category == "alloc_conf" and first.saves_bytes == 5 * GIB and first.confidence == "high"
+
+
+def test_an_fsdp_run_is_told_its_own_keys_not_deepspeeds():
+    from diagnosis.analytic import estimate_analytic
+
+    cfg = validate_config(
+        {
+            "model": {"name": "mistral-7b", "dtype": "bf16", "gradient_checkpointing": True},
+            "lora": None,
+            "data": {"seq_len": 4096},
+            "train": {"num_gpus": 4},
+            "fsdp": {"sharding_strategy": "shard_grad_op"},
+        }
+    )
+    items = suggest(Evidence(config=cfg, capacity_bytes=40 * GIB), estimate_analytic)
+    by_change = {item.change: item for item in items}
+    assert by_change["fsdp.sharding_strategy=full_shard"].category == "zero"
+    assert by_change["fsdp.sharding_strategy=full_shard"].saves_bytes > 5 * GIB  # the weights, ÷ 4 instead of whole
+    assert by_change["fsdp.offload_params=true"].category == "offload"
+    assert not any("deepspeed" in item.change for item in items)
