@@ -16,7 +16,7 @@ from db.engine import workspace_dir
 from diagnosis.architecture import ModelShape
 from diagnosis.gpus import GPUS, gpu_capacity_bytes, known_gpus
 from diagnosis.units import GIB, human_bytes
-from trainer.config import DeepSpeedConfig, ModelConfig, TrainConfig
+from trainer.config import DeepSpeedConfig, FsdpConfig, ModelConfig, TrainConfig
 
 PRESET, UPLOAD = "preset", "upload"
 # Knobs keep their values across page switches (a user checks Launch or Diagnose and comes back).
@@ -207,5 +207,17 @@ def knobs(prefix: str, shape: ModelShape | None) -> dict[str, Any]:
     )
     offload_params.selectbox(
         "Offload parameters", offload, key=key("deepspeed.offload_params"), help="needs ZeRO 3", **_PERSIST
+    )
+    strategy, fsdp_offload = st.columns(2)
+    strategy.selectbox(
+        "FSDP sharding",
+        ["off", *_choices(FsdpConfig, "sharding_strategy")],
+        key=key("fsdp.sharding_strategy"),
+        help="PyTorch FSDP instead of DeepSpeed: full_shard splits like ZeRO-3, shard_grad_op like ZeRO-2, "
+        "and the optimizer keeps its states in the weights' dtype (no fp32 master copy)",
+        **_PERSIST,
+    )
+    fsdp_offload.checkbox(
+        "FSDP CPU offload", key=key("fsdp.offload_params"), help="shards live in host memory", **_PERSIST
     )
     return {name: st.session_state[key(name)] for name in view.DEFAULTS}

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "deepspeed.zero_stage": 0,
     "deepspeed.offload_optimizer": "none",
     "deepspeed.offload_params": "none",
+    "fsdp.sharding_strategy": "off",
+    "fsdp.offload_params": False,
 }
 
 
@@ -80,6 +82,11 @@ def config_from_knobs(values: Mapping[str, Any], model_name: str) -> dict[str, A
     sharding = {key: values[f"deepspeed.{key}"] for key in ("zero_stage", "offload_optimizer", "offload_params")}
     if sharding != {"zero_stage": 0, "offload_optimizer": "none", "offload_params": "none"}:
         raw["deepspeed"] = sharding
+    if values["fsdp.sharding_strategy"] != "off":
+        raw["fsdp"] = {
+            "sharding_strategy": values["fsdp.sharding_strategy"],
+            "offload_params": values["fsdp.offload_params"],
+        }
     return raw
 
 

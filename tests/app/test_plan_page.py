@@ -137,6 +137,24 @@ def test_knobs_that_contradict_each_other_are_messages_naming_the_knob():
     assert "Pick a model and a card" in app.info[0].value
 
 
+def test_fsdp_across_gpus_is_estimated_with_its_own_layout_and_refused_beside_zero():
+    app = plan()
+    app.selectbox(key="plan.model.name").set_value("mistral-7b")
+    app.toggle(key="plan.lora_on").set_value(False)
+    app.number_input(key="plan.train.num_gpus").set_value(2)
+    app.selectbox(key="plan.fsdp.sharding_strategy").set_value("full_shard").run()
+
+    assert not app.exception and not app.error
+    chosen = knobs(**{"lora_on": False, "train.num_gpus": 2, "fsdp.sharding_strategy": "full_shard"})
+    cfg = validate_config(view.config_from_knobs(chosen, "mistral-7b"))
+    assert cfg.fsdp is not None and cfg.fsdp.sharding_strategy == "full_shard"
+    assert metrics(app)["Peak allocated"] == human_bytes(estimate_analytic(cfg).peak_allocated_bytes)
+
+    app.selectbox(key="plan.deepspeed.zero_stage").set_value(3).run()
+    assert any(error.value.startswith("`fsdp`: FSDP and DeepSpeed ZeRO both shard") for error in app.error)
+    assert not app.metric
+
+
 def test_the_traced_estimate_explains_a_config_it_cannot_trace():
     app = plan()
     app.selectbox(key="plan.model.quantization").set_value("nf4").run()
