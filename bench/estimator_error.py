@@ -215,6 +215,10 @@ def describe(config: dict[str, Any]) -> str:
     if deepspeed.get("zero_stage"):
         offload = [kind for kind in ("offload_params", "offload_optimizer") if deepspeed.get(kind, "none") != "none"]
         parts.append(f"Z{deepspeed['zero_stage']}x{train.get('num_gpus', 1)}" + ("+offload" if offload else ""))
+    fsdp = config.get("fsdp")
+    if fsdp is not None:
+        strategy = {"shard_grad_op": "FSDP-grad-op", "no_shard": "DDP"}.get(fsdp.get("sharding_strategy", ""), "FSDP")
+        parts.append(f"{strategy}x{train.get('num_gpus', 1)}" + ("+offload" if fsdp.get("offload_params") else ""))
     return " ".join(parts)
 
 
