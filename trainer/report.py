@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from db.queries import PostmortemRecord, RunRecord, StepRecord
+from diagnosis.device_use import device_use_at_failure
 from diagnosis.suggest import Suggestion
 from diagnosis.units import human_bytes
 
@@ -54,14 +55,11 @@ def postmortem_report(pm: PostmortemRecord, fixes: Sequence[Suggestion] = ()) ->
     ]
     if pm.device_total_bytes is not None:
         lines.append(f"  device: {human_bytes(pm.device_free_bytes)} free of {human_bytes(pm.device_total_bytes)}")
-    nvml = pm.nvml or {}
-    if nvml.get("available"):
-        lines.append(
-            f"  GPU (NVML, {nvml.get('taken', '')}): {human_bytes(nvml.get('memory_used_bytes'))} used of "
-            f"{human_bytes(nvml.get('memory_total_bytes'))}, this process {human_bytes(nvml.get('process_used_bytes'))}"
-        )
-    elif nvml:
-        lines.append(f"  GPU (NVML): no reading ({nvml.get('reason', 'not recorded')})")
+    use = device_use_at_failure(pm.nvml)
+    if use is not None and use.available:
+        lines.append(f"  GPU at the failure (NVML, {use.taken}): {use.text}")
+    elif use is not None:
+        lines.append(f"  GPU (NVML): no reading ({use.text})")
     if pm.tensors:
         t = pm.tensors
         saved = t.get("activation_bytes")  # None: a carried forward (collector.tensors.ActivationCounter)

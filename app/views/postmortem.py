@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from db.queries import PostmortemRecord
+from diagnosis.device_use import device_use_at_failure
 from diagnosis.suggest import Suggestion
 from diagnosis.units import human_bytes
 
@@ -115,15 +116,9 @@ def gpu_line(pm: PostmortemRecord) -> str | None:
     """What the driver (NVML) saw at the failure: the card's use, this process's share, the rest
     (other processes, which the allocator's own figures cannot show). None for a post-mortem that
     predates the field; a reason where there was no reading."""
-    nvml = pm.nvml
-    if not nvml:
+    use = device_use_at_failure(pm.nvml)
+    if use is None:
         return None
-    if not nvml.get("available"):
-        return f"No GPU reading from NVML at the failure: {nvml.get('reason', 'not recorded')}."
-    used, total, mine = nvml.get("memory_used_bytes"), nvml.get("memory_total_bytes"), nvml.get("process_used_bytes")
-    parts = [f"{human_bytes(used)} of {human_bytes(total)} in use"]
-    if mine is not None:
-        parts.append(f"{human_bytes(mine)} by this process")
-        if used is not None and used > mine:
-            parts.append(f"{human_bytes(used - mine)} by others (other processes, or the driver)")
-    return f"**GPU at the failure** (NVML, {nvml.get('taken', 'taken')}): " + ", ".join(parts) + "."
+    if not use.available:
+        return f"No GPU reading from NVML at the failure: {use.text}."
+    return f"**GPU at the failure** (NVML, {use.taken}): {use.text}."

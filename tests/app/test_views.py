@@ -77,3 +77,17 @@ def test_the_gpu_line_splits_the_card_into_this_process_and_the_others():
         "the run is on the CPU."
     )
     assert gpu_line(_postmortem(None)) is None  # a post-mortem from before the field existed
+
+
+def test_the_terminal_post_mortem_says_what_the_dashboard_says_about_the_card():
+    from app.views.postmortem import gpu_line
+    from trainer.report import postmortem_report
+
+    reading = {"available": True, "taken": "after the failure", "memory_used_bytes": 30 * GIB,
+               "memory_total_bytes": 40 * GIB, "process_used_bytes": 20 * GIB}  # fmt: skip
+    shared = "30.0 GiB of 40.0 GiB in use, 20.0 GiB by this process, 10.0 GiB by others"
+    assert shared in gpu_line(_postmortem(reading))
+    assert f"GPU at the failure (NVML, after the failure): {shared}" in postmortem_report(_postmortem(reading))
+    missing = postmortem_report(_postmortem({"available": False, "reason": "no NVML on this machine"}))
+    assert "GPU (NVML): no reading (no NVML on this machine)" in missing
+    assert "NVML" not in postmortem_report(_postmortem(None))
