@@ -13,7 +13,11 @@ between rounds. On a 2-core machine the same code costs a different share from o
 next, so `--processes N` repeats the whole measurement in N fresh processes and reports each.
 
     .venv/bin/python -m bench.collector_overhead [--seq-len 256] [--blocks 300] [--block-steps 1]
-        [--processes 3]
+        [--processes 3] [--model tiny-llama] [--dtype fp32] [--micro-batch 2]
+
+`--model` takes any runner model name (a preset such as llama-3.2-1b is built from its config with
+random weights): the fixed per-step cost of the hooks weighs differently on a real fine-tuning step
+than on the tiny Llama's 25 ms one, which is why the GPU check runs both.
 """
 
 from __future__ import annotations
@@ -62,8 +66,17 @@ VARIANTS = {
 }
 
 
-def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
-    cfg = validate_config({"data": {"seq_len": seq_len}, "train": {"max_steps": block_steps, "device": device}})
+def measure(
+    seq_len: int, blocks: int, block_steps: int, device: str, model: str = "tiny-llama", dtype: str = "fp32",
+    micro_batch: int = 2,
+) -> dict:  # fmt: skip
+    cfg = validate_config(
+        {
+            "model": {"name": model, "dtype": dtype},
+            "data": {"seq_len": seq_len},
+            "train": {"max_steps": block_steps, "device": device, "micro_batch_size": micro_batch},
+        }
+    )
     training = setup(cfg, resolve_device(cfg.train.device))
     times: dict[str, list[float]] = {"baseline": [], **{name: [] for name in VARIANTS}}
     # The training thread's CPU time too: steadier than wall time when other work shares the two
@@ -111,6 +124,7 @@ def measure(seq_len: int, blocks: int, block_steps: int, device: str) -> dict:
     baseline_cpu_ms = statistics.median(cpu_times["baseline"]) * 1e3
     result = {
         "device": str(training.device),
+        "model": f"{model} {dtype} x{micro_batch}",
         "seq_len": seq_len,
         "baseline_ms": baseline_ms,
         "baseline_cpu_ms": baseline_cpu_ms,
@@ -131,6 +145,7 @@ def _in_fresh_process(seq_len: int, args: argparse.Namespace) -> dict:
     command = [
         sys.executable, "-m", "bench.collector_overhead", "--one", "--seq-len", str(seq_len),
         "--blocks", str(args.blocks), "--block-steps", str(args.block_steps), "--device", args.device,
+        "--model", args.model, "--dtype", args.dtype, "--micro-batch", str(args.micro_batch),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -138,6 +153,7 @@ def _in_fresh_process(seq_len: int, args: argparse.Namespace) -> dict:
 
 def _print_table(results: list[dict]) -> None:
     columns = " | ".join(f"{name} ms (ratio; paired)" for name in VARIANTS)
+    print(f"model {results[0].get('model', 'tiny-llama fp32 x2')}")
     print(f"| process | device | seq_len | no collector ms | {columns} | steps each |")
     print("|---" * (5 + len(VARIANTS)) + "|")
     for index, r in enumerate(results, 1):
@@ -165,10 +181,16 @@ def main() -> None:
     parser.add_argument("--block-steps", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes per sequence length")
+    parser.add_argument("--model", default="tiny-llama", help="a runner model name (preset, directory)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one JSON line
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.seq_len[0], args.blocks, args.block_steps, args.device)))
+        result = measure(
+            args.seq_len[0], args.blocks, args.block_steps, args.device, args.model, args.dtype, args.micro_batch
+        )
+        print(json.dumps(result))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for seq_len in args.seq_len:

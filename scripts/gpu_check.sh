@@ -20,5 +20,8 @@ python3 -m bench.gpu_record --out "$OUT/record" 2>&1 | tee "$OUT/bench.log" || s
 {
   python3 -m bench.postmortem_latency --device cuda
   python3 -m bench.collector_overhead --device cuda --seq-len 1024 4096 --blocks 100 --processes 2
+  # A real fine-tuning step (1.2 B parameters, bf16, LoRA): the hooks' fixed cost against it.
+  python3 -m bench.collector_overhead --device cuda --model llama-3.2-1b --dtype bf16 --micro-batch 2 \
+    --seq-len 2048 --blocks 60 --processes 2
 } 2>&1 | tee -a "$OUT/bench.log" || status=1
 exit $status
