@@ -1086,6 +1086,8 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
         )
     if cfg.train.num_gpus > 1 and (cfg.deepspeed is None or cfg.deepspeed.zero_stage == 0) and not fsdp_strategy(cfg):
         notes.append("data parallel without ZeRO: every rank holds everything; DDP gradient buckets not counted")
+    if cfg.fsdp is not None and cfg.train.num_gpus == 1 and cfg.fsdp.sharding_strategy != "no_shard":
+        notes.append("FSDP on one GPU switches itself to NO_SHARD: nothing is sharded; set train.num_gpus")
     if fsdp_strategy(cfg):
         notes.append(
             "FSDP: one unit per decoder layer (transformer-based wrap); LoRA adapters wrapped apart (peft's "

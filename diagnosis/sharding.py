@@ -58,8 +58,9 @@ def zero_stage(cfg: RunConfig) -> int:
 
 
 def fsdp_strategy(cfg: RunConfig) -> str | None:
-    """The FSDP sharding strategy, or None without FSDP (NO_SHARD counts as none: it is DDP)."""
-    if cfg.fsdp is None or cfg.fsdp.sharding_strategy == "no_shard":
+    """The FSDP sharding strategy, or None without FSDP (NO_SHARD counts as none: it is DDP). On one
+    GPU FSDP itself switches to NO_SHARD (fsdp/_init_utils.py warns "the world size is 1")."""
+    if cfg.fsdp is None or cfg.fsdp.sharding_strategy == "no_shard" or cfg.train.num_gpus == 1:
         return None
     return cfg.fsdp.sharding_strategy
 

@@ -322,8 +322,12 @@ def test_fsdp_shards_like_zero3_but_keeps_no_fp32_master_or_fp32_states():
     assert _states(fsdp) == pytest.approx((2 * psi / ranks, 2 * psi / ranks, 4 * psi / ranks), abs=1)
     zero3 = config(**common, deepspeed={"zero_stage": 3})
     assert _states(zero3)[2] == pytest.approx(3 * _states(fsdp)[2], rel=1e-6)  # 12Ψ/N against 4Ψ/N
-    # DDP (no_shard) holds everything, as without FSDP.
+    # DDP (no_shard) holds everything, as without FSDP; so does FSDP on one GPU, which switches to NO_SHARD.
     assert _states(config(**common, fsdp={"sharding_strategy": "no_shard"})) == _states(config(**common))
+    one_gpu = {**common, "train": {"num_gpus": 1}}
+    alone = estimate_analytic(config(**one_gpu, fsdp={}))
+    assert alone.peak_allocated_bytes == estimate_analytic(config(**one_gpu)).peak_allocated_bytes
+    assert any("switches itself to NO_SHARD" in note for note in alone.notes)
 
 
 def test_fsdp_gathers_the_root_and_two_layer_units_and_shard_grad_op_every_unit():
