@@ -423,6 +423,22 @@ def machine() -> str:
     return f"{system}, Python {platform.python_version()}, torch {torch_version}"
 
 
+def _left_out(excluded: Sequence[str], failed: int) -> str:
+    """What the statistics leave out; the table shows every row either way."""
+    parts = []
+    if excluded:
+        parts.append(
+            f"{len(excluded)} point(s) marked `exclude_from_summary` (a setting the schema cannot express, or an "
+            f"architecture no estimator models; the reason is in the YAML: {', '.join(excluded)})"
+        )
+    if failed:
+        parts.append(
+            f"from each estimator's figures the rows it refused ({failed} row(s) refused by one estimator or both; "
+            "the reason is in the table)"
+        )
+    return f"Statistics leave out {' and '.join(parts)}; the table still shows them." if parts else ""
+
+
 def section(rows: Sequence[Row], modes: Sequence[str], command: str) -> str:
     """The RESULTS.md section: what ran, the table, the statistics, what to read into them."""
     failed = sum(1 for row in rows if any(mode not in row.estimated for mode in modes))
@@ -439,9 +455,7 @@ def section(rows: Sequence[Row], modes: Sequence[str], command: str) -> str:
         *summary_lines(rows, modes),
         "",
         f"Targets (issue #4): median \\|error\\| ≤ {TARGET_MEDIAN_PCT:g}%, p90 ≤ {TARGET_P90_PCT:g}% for peak "
-        f"allocated. Statistics leave out {len(excluded)} point(s) marked `exclude_from_summary` (an architecture the "
-        f"estimators do not model, or a setting the schema cannot express; the reason is in the YAML: "
-        f"{', '.join(excluded) or 'none'}) and {failed} row(s) without an estimate; both stay in the table.",
+        f"allocated. {_left_out(excluded, failed)}",
         "",
         *table_lines(rows, modes),
         "",
