@@ -218,6 +218,6 @@ def knobs(prefix: str, shape: ModelShape | None) -> dict[str, Any]:
         **_PERSIST,
     )
     fsdp_offload.checkbox(
-        "FSDP CPU offload", key=key("fsdp.offload_params"), help="shards live in host memory", **_PERSIST
+        "FSDP offload", key=key("fsdp.offload_params"), help="CPU offload: the shards live in host memory", **_PERSIST
     )
     return {name: st.session_state[key(name)] for name in view.DEFAULTS}
