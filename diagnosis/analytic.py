@@ -1089,9 +1089,15 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
     if cfg.fsdp is not None and cfg.train.num_gpus == 1 and cfg.fsdp.sharding_strategy != "no_shard":
         notes.append("FSDP on one GPU switches itself to NO_SHARD: nothing is sharded; set train.num_gpus")
     if fsdp_strategy(cfg):
+        adapters = (
+            "; LoRA adapters wrapped apart (peft's fsdp_auto_wrap_policy), so frozen units get no gradient "
+            "(an adapter sharing a unit with frozen weights would cost gradients as if nothing were frozen)"
+            if cfg.lora is not None
+            else ""
+        )
         notes.append(
-            "FSDP: one unit per decoder layer (transformer-based wrap); LoRA adapters wrapped apart (peft's "
-            "fsdp_auto_wrap_policy) so frozen units get no gradient; FSDP2's per-parameter sharding holds the same"
+            "FSDP: one unit per decoder layer (transformer-based wrap), the same bytes as FSDP2's per-parameter "
+            f"sharding{adapters}"
         )
     if cfg.train.num_gpus > 1:
         notes.append("NCCL communication buffers are not counted")
