@@ -573,6 +573,8 @@ def _rule_zero_offload(ctx: _Context) -> list[Suggestion]:
                 f"saves {human_bytes(saves)} per GPU."
             )
             out.append(Suggestion("zero", _change_text(patch), saves, "medium", why, patch))
+    if cfg.train.num_gpus > 1 and stage == 0:
+        out += _fsdp_instead(ctx, cfg, out[0].saves_bytes if out else None)
     offload = cfg.deepspeed.offload_optimizer if cfg.deepspeed else "none"
     if offload == "none":
         patch = {"deepspeed.zero_stage": max(stage, 2), "deepspeed.offload_optimizer": "cpu"}
@@ -584,6 +586,22 @@ def _rule_zero_offload(ctx: _Context) -> list[Suggestion]:
             )
             out.append(Suggestion("offload", _change_text(patch), saves, "low", why, patch))
     return out
+
+
+def _fsdp_instead(ctx: _Context, cfg: RunConfig, zero_saves: int | None) -> list[Suggestion]:
+    """FSDP beside ZeRO for a data-parallel run that shards nothing yet: its optimizer keeps the states
+    in the weights' dtype with no fp32 master copy, so for 16-bit weights it can save more."""
+    patch: dict[str, Any] = {"fsdp.sharding_strategy": "full_shard"}
+    saves = ctx.what_if(patch)
+    if not saves or saves <= 0 or (zero_saves is not None and saves <= zero_saves):
+        return []
+    than = f" ({human_bytes(saves - zero_saves)} more than the ZeRO change above)" if zero_saves else ""
+    why = (
+        f"PyTorch FSDP (full_shard) shards weights, gradients and optimizer states across the {cfg.train.num_gpus} "
+        f"GPUs, and its optimizer keeps the states in the weights' dtype with no fp32 master copy: saves "
+        f"{human_bytes(saves)} per GPU{than}."
+    )
+    return [Suggestion("zero", _change_text(patch), saves, "medium", why, patch)]
 
 
 def _fsdp_sharding(ctx: _Context, cfg: RunConfig) -> list[Suggestion]:

@@ -183,3 +183,23 @@ def test_an_fsdp_run_is_told_its_own_keys_not_deepspeeds():
     assert by_change["fsdp.sharding_strategy=full_shard"].saves_bytes > 5 * GIB  # the weights, ÷ 4 instead of whole
     assert by_change["fsdp.offload_params=true"].category == "offload"
     assert not any("deepspeed" in item.change for item in items)
+
+
+def test_a_data_parallel_run_that_shards_nothing_hears_of_fsdp_beside_zero_when_it_saves_more():
+    from diagnosis.analytic import estimate_analytic
+
+    cfg = validate_config(
+        {
+            "model": {"name": "mistral-7b", "dtype": "bf16", "gradient_checkpointing": True},
+            "lora": None,
+            "data": {"seq_len": 4096},
+            "train": {"num_gpus": 8},
+        }
+    )
+    items = suggest(Evidence(config=cfg, capacity_bytes=80 * GIB), estimate_analytic)
+    by_change = {item.change: item for item in items}
+    zero, fsdp = by_change["deepspeed.zero_stage=2"], by_change["fsdp.sharding_strategy=full_shard"]
+    # bf16 weights: ZeRO-2 keeps the weights whole and adds fp32 master weights and states (12 B a
+    # parameter, sharded); FSDP shards the weights too and keeps bf16 states (4 B a parameter).
+    assert fsdp.saves_bytes > zero.saves_bytes > 0
+    assert "no fp32 master copy" in fsdp.why and "more than the ZeRO change" in fsdp.why
