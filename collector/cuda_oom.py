@@ -62,8 +62,16 @@ class CudaOomObserver:
         torch._C._cuda_attach_out_of_memory_observer(self._observe)
 
     def _observe(self, device: int, alloc: int, device_allocated: int, device_free: int) -> None:
+        """Never raises: torch turns an exception from the observer into the error the training
+        step sees, which would hide the out-of-memory error it is there to describe."""
         if self.capture is not None:
             return
+        try:
+            self.capture = self._capture(int(alloc))
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            log.warning("could not capture the allocator state at the OOM: %r", error)
+
+    def _capture(self, requested_bytes: int) -> CudaOomCapture:
         try:
             free, total = mem_get_info(self.device)
         except Exception:  # noqa: BLE001 - the driver may refuse while out of memory
@@ -80,12 +88,17 @@ class CudaOomObserver:
                 nvml = self._nvml_now()
             except Exception as error:  # noqa: BLE001 - the capture goes on without NVML
                 log.warning("could not read NVML at the OOM: %s", error)
-        self.capture = CudaOomCapture(
+        try:
+            stats = memory_stats_now(self.device)
+        except Exception as error:  # noqa: BLE001 - the rest of the capture still says a lot
+            log.warning("could not read the allocator stats at the OOM: %s", error)
+            stats = {}
+        return CudaOomCapture(
             taken_at=time.time(),
-            requested_bytes=int(alloc),
+            requested_bytes=requested_bytes,
             device_free_bytes=free,
             device_total_bytes=total,
-            allocator_stats=memory_stats_now(self.device),
+            allocator_stats=stats,
             snapshot=snapshot,
             nvml=nvml,
         )
