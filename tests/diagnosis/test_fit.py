@@ -114,6 +114,20 @@ def test_fit_table_adds_one_change_per_row():
     assert lengths == sorted(lengths) and batches[2] > batches[1] > batches[0]
 
 
+def test_across_several_gpus_sharding_is_a_rung_before_lora_unless_already_on():
+    cfg = validate_config(
+        {"model": {"name": "mistral-7b", "dtype": "bf16"}, "lora": None, "data": {"seq_len": 4096},
+         "train": {"micro_batch_size": 1, "num_gpus": 8}}
+    )  # fmt: skip
+    rows = fit_table(cfg, gpu_capacity_bytes("A100 40GB"))
+    labels = [row.label for row in rows]
+    assert labels[3] == "+ FSDP full_shard across 8 GPUs" and labels[4].startswith("+ LoRA")
+    sdpa, sharded = rows[2], rows[3]
+    assert (sharded.seq_len.value or 0) > (sdpa.seq_len.value or 0)  # the weights and states ÷ 8 leave room
+    zero3 = validate_config({**cfg.to_dict(), "deepspeed": {"zero_stage": 3}})
+    assert not any("FSDP" in row.label for row in fit_table(zero3, gpu_capacity_bytes("A100 40GB")))
+
+
 def test_fit_table_uses_the_family_s_projection_names():
     cfg = validate_config({"model": {"name": "gpt2-xl"}, "lora": None, "data": {"seq_len": 1024}})
     labels = [row.label for row in fit_table(cfg, gpu_capacity_bytes("T4"))]
