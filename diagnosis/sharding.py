@@ -81,8 +81,8 @@ def shard_components(components: Mapping[str, int], cfg: RunConfig) -> tuple[dic
     """Per-rank device bytes of `components` under the config's ZeRO stage and offload.
 
     Knows `parameters`, `gradients`, `optimizer_states` and `optimizer_transient` (the update's
-    temporaries, done per shard); other keys pass through unchanged. Without ZeRO (stage 0) every
-    rank holds everything, whatever `num_gpus`.
+    temporaries, done per shard); other keys pass through unchanged. Without ZeRO (stage 0) or FSDP
+    sharding every rank holds everything, whatever `num_gpus`.
     """
     if fsdp_strategy(cfg):
         return _fsdp_components(components, cfg)
@@ -197,7 +197,7 @@ def _fsdp_gathered(shape: ModelShape, cfg: RunConfig) -> Gathered:
     full fine-tune also holds the computing unit's unsharded gradient, and the root's (the lm_head
     gradient waits for the embedding's, the last one made)."""
     assert cfg.fsdp is not None
-    from diagnosis.analytic import NF4_BYTES_PER_PARAM
+    from diagnosis.analytic import NF4_BYTES_PER_PARAM  # here: diagnosis.analytic imports this module
 
     compute = _ITEMSIZE[cfg.model.dtype] if cfg.train.mixed_precision == "no" else 2
     linear = shape.attention_parameters() + shape.mlp_parameters()
