@@ -165,7 +165,8 @@ def test_a_snapshots_oom_event_supplies_the_request_and_the_cache():
     assert first.category == "alloc_conf" and first.saves_bytes == 5 * GIB and first.confidence == "high"
 
 
-def test_an_fsdp_run_is_told_its_own_keys_not_deepspeeds():
+def mistral_full_fine_tune_suggestions(gpus: int, capacity_gib: int, **sections: dict) -> dict:
+    """The real analytic estimator's suggestions for a bf16 Mistral-7B full fine-tune at 4k tokens, by change."""
     from diagnosis.analytic import estimate_analytic
 
     cfg = validate_config(
@@ -173,31 +174,24 @@ def test_an_fsdp_run_is_told_its_own_keys_not_deepspeeds():
             "model": {"name": "mistral-7b", "dtype": "bf16", "gradient_checkpointing": True},
             "lora": None,
             "data": {"seq_len": 4096},
-            "train": {"num_gpus": 4},
-            "fsdp": {"sharding_strategy": "shard_grad_op"},
+            "train": {"num_gpus": gpus},
+            **sections,
         }
     )
-    items = suggest(Evidence(config=cfg, capacity_bytes=40 * GIB), estimate_analytic)
-    by_change = {item.change: item for item in items}
+    items = suggest(Evidence(config=cfg, capacity_bytes=capacity_gib * GIB), estimate_analytic)
+    return {item.change: item for item in items}
+
+
+def test_an_fsdp_run_is_told_its_own_keys_not_deepspeeds():
+    by_change = mistral_full_fine_tune_suggestions(4, 40, fsdp={"sharding_strategy": "shard_grad_op"})
     assert by_change["fsdp.sharding_strategy=full_shard"].category == "zero"
     assert by_change["fsdp.sharding_strategy=full_shard"].saves_bytes > 5 * GIB  # the weights, ÷ 4 instead of whole
     assert by_change["fsdp.offload_params=true"].category == "offload"
-    assert not any("deepspeed" in item.change for item in items)
+    assert not any("deepspeed" in change for change in by_change)
 
 
 def test_a_data_parallel_run_that_shards_nothing_hears_of_fsdp_beside_zero_when_it_saves_more():
-    from diagnosis.analytic import estimate_analytic
-
-    cfg = validate_config(
-        {
-            "model": {"name": "mistral-7b", "dtype": "bf16", "gradient_checkpointing": True},
-            "lora": None,
-            "data": {"seq_len": 4096},
-            "train": {"num_gpus": 8},
-        }
-    )
-    items = suggest(Evidence(config=cfg, capacity_bytes=80 * GIB), estimate_analytic)
-    by_change = {item.change: item for item in items}
+    by_change = mistral_full_fine_tune_suggestions(8, 80)
     zero, fsdp = by_change["deepspeed.zero_stage=2"], by_change["fsdp.sharding_strategy=full_shard"]
     # bf16 weights: ZeRO-2 keeps the weights whole and adds fp32 master weights and states (12 B a
     # parameter, sharded); FSDP shards the weights too and keeps bf16 states (4 B a parameter).
