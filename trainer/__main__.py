@@ -1,13 +1,4 @@
-import os
-import sys
-
 from trainer.cli import main
+from trainer.entrypoint import run_and_exit
 
-try:
-    code = main()
-    sys.stdout.flush()
-except BrokenPipeError:
-    # `python -m trainer show latest | head`: the reader left; that is not a failure of ours.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    code = 0
-sys.exit(code)
+run_and_exit(main)
