@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
-from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components
+from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from trainer.config import RunConfig
 
 BYTES_PER_MIB = 1024**2
@@ -1084,7 +1084,7 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
             "bitsandbytes dequantises each quantised weight for its matmul: the largest d_in·d_out × 2 B "
             "is counted as a transient; its kernels' workspaces are not"
         )
-    if cfg.train.num_gpus > 1 and (cfg.deepspeed is None or cfg.deepspeed.zero_stage == 0) and not fsdp_strategy(cfg):
+    if cfg.train.num_gpus > 1 and not zero_stage(cfg) and not fsdp_strategy(cfg):
         notes.append("data parallel without ZeRO: every rank holds everything; DDP gradient buckets not counted")
     if cfg.fsdp is not None and cfg.train.num_gpus == 1 and cfg.fsdp.sharding_strategy != "no_shard":
         notes.append("FSDP on one GPU switches itself to NO_SHARD: nothing is sharded; set train.num_gpus")

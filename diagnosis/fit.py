@@ -16,6 +16,7 @@ from typing import Any
 from diagnosis.analytic import estimate_analytic
 from diagnosis.architecture import ArchitectureError, shape_for
 from diagnosis.estimate import MemoryEstimate
+from diagnosis.sharding import fsdp_strategy, zero_stage
 from trainer.config import DataConfig, RunConfig, TrainConfig, apply_overrides, validate_config
 
 Estimator = Callable[[RunConfig], MemoryEstimate]
@@ -154,13 +155,10 @@ def standard_settings(cfg: RunConfig) -> list[tuple[str, list[str]]]:
         pass
     lora = f"lora={{r: 16, alpha: 32, dropout: 0.05, target_modules: [{', '.join(attention)}]}}"
     bf16 = ["model.dtype=bf16"] + (["train.mixed_precision=no"] if cfg.train.mixed_precision == "fp16" else [])
-    sharded = (cfg.deepspeed is not None and cfg.deepspeed.zero_stage > 0) or (
-        cfg.fsdp is not None and cfg.fsdp.sharding_strategy != "no_shard"
-    )
     # Across several GPUs, sharding is the full fine-tune's first lever, before giving up on it for LoRA.
     shard = (
         [(f"+ FSDP full_shard across {cfg.train.num_gpus} GPUs", ["fsdp={sharding_strategy: full_shard}"])]
-        if cfg.train.num_gpus > 1 and not sharded
+        if cfg.train.num_gpus > 1 and not zero_stage(cfg) and not fsdp_strategy(cfg)
         else []
     )
     return [

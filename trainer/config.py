@@ -269,11 +269,7 @@ def _cross_checks(cfg: RunConfig, broken: set[str]) -> list[ConfigIssue]:
         add("deepspeed.offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3", reads=("deepspeed.zero_stage",))
     if cfg.deepspeed and cfg.deepspeed.offload_params != "none" and stage != 3:
         add("deepspeed.offload_params", "needs deepspeed.zero_stage 3", reads=("deepspeed.zero_stage",))
-    if (
-        cfg.fsdp is not None
-        and cfg.deepspeed is not None
-        and (stage > 0 or "none" not in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params))
-    ):
+    if cfg.fsdp is not None and _deepspeed_on(cfg.deepspeed):
         add(
             "fsdp", "FSDP and DeepSpeed ZeRO both shard the model: keep one of fsdp and deepspeed", reads=("deepspeed",)
         )
@@ -286,6 +282,13 @@ def _cross_checks(cfg: RunConfig, broken: set[str]) -> list[ConfigIssue]:
     if cfg.memory.alloc_conf is not None and not cfg.memory.alloc_conf.strip():
         add("memory.alloc_conf", "empty; leave it null or give e.g. expandable_segments:True")
     return issues
+
+
+def _deepspeed_on(deepspeed: DeepSpeedConfig | None) -> bool:
+    """A deepspeed section that asks for anything (a ZeRO stage or an offload), not one left at its defaults."""
+    return deepspeed is not None and (
+        deepspeed.zero_stage > 0 or deepspeed.offload_optimizer != "none" or deepspeed.offload_params != "none"
+    )
 
 
 _BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw")
@@ -316,9 +319,7 @@ def runner_issues(cfg: RunConfig) -> list[ConfigIssue]:
             issues.append(ConfigIssue(key, f"{what} runs on CUDA only (bitsandbytes); train.device is cpu"))
         elif importlib.util.find_spec("bitsandbytes") is None:
             issues.append(ConfigIssue(key, f"{what} needs the bitsandbytes package (pip install bitsandbytes)"))
-    if cfg.deepspeed is not None and (
-        cfg.deepspeed.zero_stage > 0 or "none" not in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params)
-    ):
+    if _deepspeed_on(cfg.deepspeed):
         issues.append(
             ConfigIssue(
                 "deepspeed",
