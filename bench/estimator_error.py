@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from diagnosis.libraries import LATEST
 from diagnosis.units import GIB
 from trainer.config import ConfigError, RunConfig, validate_config
 
@@ -82,6 +83,9 @@ class Point:
     stack: str = ""
     # Why the estimate is expected to miss, where the source's code is known to differ.
     expected_gap: str | None = None
+    # Library versions the source states ({"bitsandbytes": "0.42.0", ...}): the estimate follows
+    # those that change memory (diagnosis.libraries), never the ones installed on this machine.
+    versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def model(self) -> str:
@@ -137,6 +141,7 @@ def load_points(path: Path = POINTS_PATH) -> tuple[list[Point], dict[str, dict[s
                 gpu=raw.get("gpu", ""),
                 stack=raw.get("stack", ""),
                 expected_gap=raw.get("expected_gap"),
+                versions={str(k): str(v) for k, v in (raw.get("versions") or {}).items()},
             )
         )
     return points, model_configs
@@ -257,7 +262,8 @@ def evaluate(points: Sequence[Point], model_configs: dict[str, dict[str, Any]], 
             for mode in modes:
                 started = time.perf_counter()
                 try:
-                    estimate = _estimator(mode)(cfg, device="cuda")
+                    bitsandbytes = point.versions.get("bitsandbytes", LATEST)
+                    estimate = _estimator(mode)(cfg, device="cuda", bitsandbytes=bitsandbytes)
                     row.estimated[mode] = int(getattr(estimate, METRIC_LEVEL[point.metric]))
                 except Exception as error:  # noqa: BLE001 - one broken point must not hide the rest
                     row.failure[mode] = _one_line(error)

@@ -34,8 +34,14 @@ from dataclasses import dataclass
 
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
+from diagnosis.libraries import (
+    SRC_BNB_1270,
+    bitsandbytes_for_estimate,
+    bitsandbytes_keeps_matmul_input,
+)
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
+from diagnosis.units import human_bytes
 from trainer.config import RunConfig
 
 BYTES_PER_MIB = 1024**2
@@ -67,7 +73,10 @@ SRC_EAGER_MASK = (
     "transformers eager_attention_forward: attn_weights + attention_mask, the mask built in the hidden states' "
     "dtype (masking_utils); torch type promotion makes 16-bit scores + fp32 mask fp32 before softmax"
 )
-SRC_BNB_MATMUL = "bitsandbytes autograd: MatMul4Bit keeps only the packed weight; MatMul8bitLt keeps its input A"
+SRC_BNB_MATMUL = (
+    "bitsandbytes autograd: MatMul4Bit keeps only the packed weight (from 0.43.2; before, its input too); "
+    "MatMul8bitLt keeps its input A"
+)
 SRC_FLASH = "Dao et al., FlashAttention (2022): keeps output + logsumexp, recomputes scores in backward"
 SRC_CHECKPOINT = "torch.utils.checkpoint (non-reentrant): keeps each layer's input, recomputes it in backward"
 SRC_DROPOUT = "ATen dropout: CUDA native_dropout keeps a bool mask, the CPU path a mask in the input dtype"
@@ -78,6 +87,8 @@ SRC_CUDA_BLOCKS = (
 )
 
 CUDA_CONTEXT_BYTES = 300 * BYTES_PER_MIB
+# The last bitsandbytes whose 4-bit matmul kept its input: what "an older one" is estimated as.
+OLD_BITSANDBYTES = "0.43.1"
 # The CUDA caching allocator hands out every tensor's storage in multiples of 512 bytes
 # (kMinBlockSize); its statistics count the rounded sizes. The CPU allocator does not round.
 CUDA_BLOCK_BYTES = 512
@@ -116,6 +127,8 @@ class _Run:
     optimizer: str
     weight_decay: float
     accum: int
+    # bitsandbytes < 0.43.2: every 4-bit matmul keeps its input on its autograd ctx (SRC_BNB_1270).
+    bnb_keeps_input: bool = False
 
     @property
     def tokens(self) -> int:
@@ -150,7 +163,7 @@ def _attention_kernel(cfg: RunConfig, shape: ModelShape, device: str) -> str:
     return "eager"
 
 
-def _resolve(cfg: RunConfig, shape: ModelShape, device: str) -> _Run:
+def _resolve(cfg: RunConfig, shape: ModelShape, device: str, bitsandbytes: str | None = None) -> _Run:
     lora = cfg.lora
     kbit_prepared = cfg.model.quantization != "none" and cfg.model.prepare_for_kbit_training
     # The dtype of the weights outside the quantised linears, which the hidden states take from the
@@ -177,6 +190,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str) -> _Run:
         optimizer=cfg.train.optimizer,
         weight_decay=cfg.train.weight_decay,
         accum=cfg.train.grad_accum_steps,
+        bnb_keeps_input=cfg.model.quantization == "nf4" and bitsandbytes_keeps_matmul_input(bitsandbytes),
     )
 
 
@@ -277,10 +291,14 @@ class _Trace:
 
     def _quantized_linear(self, x: _T, rows: int, d_out: int) -> _T:
         # bitsandbytes computes in bf16 (our loader's compute dtype) and casts back to the input's
-        # dtype. MatMul4Bit keeps only the packed weight; MatMul8bitLt keeps its input in
-        # ctx.tensors, which saved-tensor hooks never see but memory does.
+        # dtype. MatMul8bitLt keeps its input in ctx.tensors, which saved-tensor hooks never see but
+        # memory does. MatMul4Bit did too before 0.43.2 (and keeps only the packed weight since): its
+        # input is Linear4bit's cast to the compute dtype, a copy of its own per linear when the
+        # hidden states are fp32, the hidden states themselves when they are bf16.
         if self.run.quantization == "int8" and x.grad:
             self.save(x, hooks_see=False)
+        if self.run.bnb_keeps_input and x.grad:
+            self.save(self.cast(x, "bf16"), hooks_see=False, tag="bitsandbytes matmul inputs")
         out = self.new(rows * d_out, "bf16", x.grad)
         return self.cast(out, x.dtype)
 
@@ -1036,6 +1054,7 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
     }
     if run.quantization != "none":
         sources["attention"] = sources["mlp"] = SRC_BNB_MATMUL
+    sources["bitsandbytes matmul inputs"] = SRC_BNB_1270
     for tag, size in sorted(acts.by_tag.items(), key=lambda item: -item[1]):
         source = sources.get(tag, SRC_MEASURED)
         terms.append(Term(f"activations per layer: {tag}", size * (layers - 1), f"{layers - 1} × {size:,} B", source))
@@ -1126,15 +1145,48 @@ def _kbit_note(run: _Run, cfg: RunConfig, acts: _Activations) -> str | None:
     )
 
 
-def estimate_analytic(cfg: RunConfig, *, device: str = "cuda", shape: ModelShape | None = None) -> MemoryEstimate:
+def estimate_analytic(
+    cfg: RunConfig, *, device: str = "cuda", shape: ModelShape | None = None, bitsandbytes: str | None = None
+) -> MemoryEstimate:
     """Estimate one training step's memory from formulas (no torch, no transformers).
 
     `device` is where the step runs: "cuda" adds the CUDA context, rounds every tensor up to the
     caching allocator's 512-byte blocks and uses CUDA's kernels' rules (bool dropout masks, fused
-    SDPA with dropout, foreach optimizers); "cpu" matches the runner on the CPU.
+    SDPA with dropout, foreach optimizers); "cpu" matches the runner on the CPU. `bitsandbytes` is
+    the version that runs a quantised step (a recorded run's, a published one's); by default the
+    one installed here, and current behaviour where there is none.
     """
     shape = shape or shape_for(cfg.model.name)
-    run = _resolve(cfg, shape, device)
+    version = bitsandbytes_for_estimate(bitsandbytes)
+    estimate = _estimate(cfg, device, shape, version)
+    note = _bitsandbytes_note(cfg, device, shape, version, estimate)
+    return dataclasses.replace(estimate, notes=(*estimate.notes, note)) if note else estimate
+
+
+def _bitsandbytes_note(
+    cfg: RunConfig, device: str, shape: ModelShape, version: str | None, estimate: MemoryEstimate
+) -> str | None:
+    """What the bitsandbytes version is worth to this peak, when it matters (4-bit weights)."""
+    if cfg.model.quantization != "nf4":
+        return None
+    keeps = bitsandbytes_keeps_matmul_input(version)
+    if not keeps and version is not None:
+        return None
+    other = _estimate(cfg, device, shape, None if keeps else OLD_BITSANDBYTES)
+    differs = human_bytes(abs(estimate.peak_allocated_bytes - other.peak_allocated_bytes))
+    if keeps:
+        return (
+            f"bitsandbytes {version} keeps every 4-bit linear's input until its backward (bitsandbytes#1270, "
+            f"fixed in 0.43.2): {differs} of this peak, which bitsandbytes >= 0.43.2 saves"
+        )
+    return (
+        "bitsandbytes is not installed here: estimated as >= 0.43.2; an older one keeps every 4-bit linear's input "
+        f"until its backward (+{differs} on this peak); name the version that runs (--bitsandbytes-version)"
+    )
+
+
+def _estimate(cfg: RunConfig, device: str, shape: ModelShape, bitsandbytes: str | None) -> MemoryEstimate:
+    run = _resolve(cfg, shape, device, bitsandbytes)
     acts = _walk(run)
     parameter_terms = _parameter_terms(run)
     grad, states, opt_temp = _gradient_term(run), _optimizer_term(run), _optimizer_transient(run)

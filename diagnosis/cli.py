@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     suggest.add_argument("--db", help="database URL for --run (default: the workspace's SQLite file)")
     _add_capacity(suggest)
     suggest.add_argument("--torch-version", help="the torch that ran (decides the allocator setting)")
+    _add_bitsandbytes(suggest)
     suggest.add_argument("--json", action="store_true")
 
     estimate = commands.add_parser("estimate", help="a config's peak memory per training step")
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_capacity(estimate)
     estimate.add_argument("--traced", action="store_true", help="trace the real model under fake tensors (slower)")
     estimate.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    _add_bitsandbytes(estimate)
     estimate.add_argument("--json", action="store_true")
 
     fit = commands.add_parser("fit", help="the longest sequence / largest micro-batch that fits")
@@ -63,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--max-mb", type=float, default=1024, help="refuse files larger than this")
     snapshot.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_bitsandbytes(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--bitsandbytes-version",
+        help="the bitsandbytes that runs a 4-bit step (before 0.43.2 it keeps more); default: the one installed",
+    )
 
 
 def _add_capacity(sub: argparse.ArgumentParser) -> None:
@@ -153,11 +162,12 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     message = postmortem = None
-    torch_version = args.torch_version
+    torch_version, bitsandbytes = args.torch_version, args.bitsandbytes_version
     if args.run:
         recorded = _recorded(args.run, args.db)
         cfg, message, postmortem = cfg or recorded.config, recorded.message, recorded.postmortem
         torch_version = torch_version or recorded.torch_version
+        bitsandbytes = bitsandbytes or recorded.bitsandbytes_version
     if args.file:
         text = _read_text(args.file)
         document = _json_document(text)
@@ -178,7 +188,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             "Not an OOM message, and no --config to estimate: nothing to suggest.",
         )
         return EXIT_OK
-    evidence = Evidence(cfg, message, postmortem, snapshot, _capacity(args), torch_version)
+    evidence = Evidence(cfg, message, postmortem, snapshot, _capacity(args), torch_version, bitsandbytes)
     items = suggest(evidence)
     text = "\n".join(
         f"{i}. [{s.category}] {s.change}\n   saves {human_bytes(s.saves_bytes)}"
@@ -223,20 +233,20 @@ def _recorded(run: str, db_url: str | None):
     return evidence_for_run(dataclasses.asdict(record), config, environment)
 
 
-def _estimate(cfg, traced: bool, device: str):
+def _estimate(cfg, traced: bool, device: str, bitsandbytes: str | None):
     if traced:
         from diagnosis.traced import estimate_traced
 
-        return estimate_traced(cfg, device=device)
+        return estimate_traced(cfg, device=device, bitsandbytes=bitsandbytes)
     from diagnosis.analytic import estimate_analytic
 
-    return estimate_analytic(cfg, device=device)
+    return estimate_analytic(cfg, device=device, bitsandbytes=bitsandbytes)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     cfg = _config(args, required=True)
     capacity = _capacity(args)
-    result = _estimate(cfg, args.traced, args.device)
+    result = _estimate(cfg, args.traced, args.device, args.bitsandbytes_version)
     data = result.to_json(capacity)
     lines = [f"peak allocated  {human_bytes(result.peak_allocated_bytes)}  ({result.mode}, at {result.peak_phase})"]
     lines += [f"  {key:<18}{human_bytes(value)}" for key, value in data["breakdown"].items()]

@@ -24,6 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from diagnosis.estimate import MemoryEstimate
+from diagnosis.libraries import (
+    BNB_MATMUL4BIT_DROPS_INPUT,
+    bitsandbytes_for_estimate,
+    bitsandbytes_keeps_matmul_input,
+)
 from diagnosis.oom_text import OomMessage
 from diagnosis.units import GIB, MIB, human_bytes
 from trainer.config import ConfigError, RunConfig, apply_overrides, validate_config
@@ -119,6 +124,8 @@ class Evidence:
     capacity_bytes: int | None = None
     # "2.3.1"; decides expandable_segments vs max_split_size_mb.
     torch_version: str | None = None
+    # The bitsandbytes that ran (a recorded run's environment); None: the one installed here.
+    bitsandbytes_version: str | None = None
 
 
 def evidence_for_run(
@@ -142,7 +149,9 @@ def evidence_for_run(
             cfg = None
     message = parse_oom((postmortem or {}).get("error_text") or "") if postmortem else None
     packages = (environment or {}).get("versions") or {}
-    return Evidence(cfg, message, postmortem, None, capacity_bytes, packages.get("torch"))
+    return Evidence(
+        cfg, message, postmortem, None, capacity_bytes, packages.get("torch"), packages.get("bitsandbytes")
+    )
 
 
 # --- facts derived from the evidence -------------------------------------------------------------
@@ -260,8 +269,14 @@ class _Context:
         patched = patch_config(self.ev.config, patch)
         if patched is None:
             return None
-        after = self.estimator(patched, device=self.device)
-        return self.base.device_bytes - after.device_bytes
+        return self.base.device_bytes - _estimate(self.ev, self.estimator, patched, self.device).device_bytes
+
+
+def _estimate(ev: Evidence, estimator: Estimator, cfg: RunConfig, device: str, **versions: str) -> MemoryEstimate:
+    """`cfg` estimated with the library versions that ran, where the evidence names them."""
+    if ev.bitsandbytes_version and "bitsandbytes" not in versions:
+        versions["bitsandbytes"] = ev.bitsandbytes_version
+    return estimator(cfg, device=device, **versions)
 
 
 def patch_config(cfg: RunConfig, patch: Mapping[str, Any]) -> RunConfig | None:
@@ -555,6 +570,27 @@ def _rule_quantization(ctx: _Context) -> list[Suggestion]:
     return [Suggestion("quantization", _change_text(patch), saves, "medium", why, patch)]
 
 
+def _rule_bitsandbytes(ctx: _Context) -> list[Suggestion]:
+    """An old bitsandbytes keeps every 4-bit linear's input for a backward that never uses it."""
+    cfg = ctx.ev.config
+    if cfg is None or cfg.model.quantization != "nf4" or ctx.base is None or ctx.estimator is None:
+        return []
+    version = bitsandbytes_for_estimate(ctx.ev.bitsandbytes_version)
+    if not bitsandbytes_keeps_matmul_input(version):
+        return []
+    fixed = ".".join(str(part) for part in BNB_MATMUL4BIT_DROPS_INPUT)
+    after = _estimate(ctx.ev, ctx.estimator, cfg, ctx.device, bitsandbytes=fixed)
+    saves = ctx.base.device_bytes - after.device_bytes
+    if saves < 64 * MIB:
+        return []
+    why = (
+        f"bitsandbytes {version} keeps the input of every 4-bit linear until its backward, which never uses it "
+        f"(the frozen weights get no gradient; bitsandbytes#1270, fixed in {fixed}): upgrading saves "
+        f"{human_bytes(saves)} and changes nothing else."
+    )
+    return [Suggestion("quantization", f"pip install 'bitsandbytes>={fixed}'", saves, "high", why)]
+
+
 def _rule_zero_offload(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
     if cfg is None:
@@ -734,6 +770,7 @@ _RULES = (
     _rule_optimizer_8bit,
     _rule_mixed_precision,
     _rule_quantization,
+    _rule_bitsandbytes,
     _rule_zero_offload,
     _rule_leak,
     _rule_other_process,
@@ -784,7 +821,7 @@ def _context(ev: Evidence, estimator: Estimator | None) -> _Context:
     """The evidence with its config estimated as is (the base every what-if is measured against)."""
     estimator = estimator or _default_estimator()
     device = "cpu" if _on_cpu(ev) else "cuda"
-    base = estimator(ev.config, device=device) if ev.config is not None and estimator is not None else None
+    base = _estimate(ev, estimator, ev.config, device) if ev.config is not None and estimator is not None else None
     return _Context(ev, estimator, device, base, _shortfall(ev, base))
 
 

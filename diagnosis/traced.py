@@ -681,8 +681,11 @@ def _optimizer(cfg: RunConfig, model: torch.nn.Module, on_cuda: bool) -> tuple[O
 _TRACE_LOCK = threading.Lock()
 
 
-def estimate_traced(cfg: RunConfig, *, device: str = "cuda") -> MemoryEstimate:
-    """Peak allocated bytes of one training step of `cfg` on `device` ("cuda" or "cpu"), traced."""
+def estimate_traced(cfg: RunConfig, *, device: str = "cuda", bitsandbytes: str | None = None) -> MemoryEstimate:
+    """Peak allocated bytes of one training step of `cfg` on `device` ("cuda" or "cpu"), traced.
+
+    `bitsandbytes` is accepted as the analytic estimator takes it; quantised configs are refused
+    here (bitsandbytes cannot run under fake tensors on the CPU), so no version changes a trace."""
     with _TRACE_LOCK:
         return _estimate_traced(cfg, device)
 

@@ -445,19 +445,39 @@ KBIT = {
 }
 
 
-def _stand_in_for_bitsandbytes(model) -> type:
+def _stand_in_for_bitsandbytes(model, kept: dict[int, int] | None = None) -> type:
     """Swap every decoder linear for a Linear4bit stand-in: the input cast to the bf16 compute dtype,
     a frozen weight that keeps nothing else for backward (MatMul4Bit keeps only the packed weight),
     the output cast back to the input's dtype. Its weight's class is named Params4bit, the name
-    prepare_model_for_kbit_training checks to leave quantised weights alone."""
+    prepare_model_for_kbit_training checks to leave quantised weights alone.
+
+    With `kept`, the matmul is bitsandbytes < 0.43.2's: it keeps its input on its autograd ctx
+    whenever an input needs a gradient (`ctx.tensors = (A, B)`), out of saved-tensor hooks' sight;
+    each kept storage's bytes are recorded there by address."""
     import torch
 
     class Params4bit(torch.nn.Parameter):
         pass
 
+    class KeepsInput(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, weight, bias):
+            if any(ctx.needs_input_grad[:2]):
+                ctx.tensors = (a, weight)
+                kept[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
+            else:
+                ctx.tensors = (None, weight)
+            return torch.nn.functional.linear(a, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad @ ctx.tensors[1], None, None
+
     class Linear4bit(torch.nn.Linear):
         def forward(self, x):
             bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            if kept is not None:
+                return KeepsInput.apply(x.to(torch.bfloat16), self.weight, bias).to(x.dtype)
             return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, bias).to(x.dtype)
 
     for layer in model.model.layers:
@@ -472,6 +492,25 @@ def _stand_in_for_bitsandbytes(model) -> type:
     return Params4bit
 
 
+def _kbit_model(cfg: RunConfig, kept: dict[int, int] | None = None):
+    """The runner's QLoRA model on the CPU with bitsandbytes stood in for: (model, vocab, Params4bit)."""
+    import torch
+
+    from trainer.models import _apply_lora, _enable_checkpointing, _prepare_kbit, build_model
+
+    torch.manual_seed(0)
+    built = build_model(cfg.model.model_copy(update={"quantization": "none"}), None, torch.device("cpu"))
+    model = built.model
+    quantised_class = _stand_in_for_bitsandbytes(model, kept)
+    if cfg.model.prepare_for_kbit_training:
+        model = _prepare_kbit(model, cfg.model.gradient_checkpointing)
+    if cfg.model.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model = _apply_lora(model, cfg.lora)
+    model.train()
+    return model, built.vocab_size, quantised_class
+
+
 @pytest.mark.parametrize("items", KBIT.values(), ids=KBIT.keys())
 def test_kbit_prepared_model_matches_the_walk_on_cpu(items: list[str]):
     """prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32; the hidden states
@@ -479,26 +518,16 @@ def test_kbit_prepared_model_matches_the_walk_on_cpu(items: list[str]):
     import torch
 
     from collector.tensors import ActivationCounter
-    from trainer.models import _apply_lora, _enable_checkpointing, _prepare_kbit, build_model
 
     cfg = overrides("train.device=cpu", "model.dtype=bf16", "model.quantization=nf4", *items)
-    torch.manual_seed(0)
-    built = build_model(cfg.model.model_copy(update={"quantization": "none"}), None, torch.device("cpu"))
-    model = built.model
-    quantised_class = _stand_in_for_bitsandbytes(model)
-    if cfg.model.prepare_for_kbit_training:
-        model = _prepare_kbit(model, cfg.model.gradient_checkpointing)
-    if cfg.model.gradient_checkpointing:
-        _enable_checkpointing(model)
-    model = _apply_lora(model, cfg.lora)
-    model.train()
+    model, vocab, quantised_class = _kbit_model(cfg)
     counter = ActivationCounter(model)
-    ids = torch.randint(0, built.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
+    ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.data.seq_len))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision != "no")
     with autocast, counter.forward():
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    estimate = estimate_analytic(cfg, device="cpu")
+    estimate = estimate_analytic(cfg, device="cpu", bitsandbytes="0.43.2")
     assert estimate.totals["saved_for_backward"] == pytest.approx(counter.peak_bytes, rel=COMPONENT_TOLERANCE, abs=64)
     dense = [p for name, p in model.named_parameters() if not isinstance(p, quantised_class) and "lora_" not in name]
     dtype = torch.float32 if cfg.model.prepare_for_kbit_training else torch.bfloat16
@@ -509,6 +538,39 @@ def test_kbit_prepared_model_matches_the_walk_on_cpu(items: list[str]):
     if cfg.model.prepare_for_kbit_training:
         assert "prepare_model_for_kbit_training" in rest.source
         assert any("prepare_model_for_kbit_training" in term.source for term in estimate.terms if "activ" in term.name)
+
+
+@pytest.mark.parametrize("name", ["llama-nf4-sdpa-fp32-stream", "llama-nf4-unprepared", "qwen2-nf4-all-linear-amp-b4"])
+def test_old_bitsandbytes_keeps_the_4bit_inputs_the_walk_adds(name: str):
+    """bitsandbytes < 0.43.2 keeps each 4-bit linear's (compute-dtype) input until backward: a bf16
+    copy per linear when the hidden states are fp32, the hidden states themselves when bf16, and only
+    where autograd does not already keep the same storage. Measured as the storages the stand-in's
+    ctx holds that no saved tensor shares, against the walk's difference between the versions."""
+    import torch
+
+    cfg = overrides("train.device=cpu", "model.dtype=bf16", "model.quantization=nf4", *KBIT[name])
+    kept: dict[int, int] = {}
+    model, vocab, _ = _kbit_model(cfg, kept)
+    saved: set[int] = set()
+
+    def pack(tensor):
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.data.seq_len))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision != "no")
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    only_on_ctx = sum(nbytes for address, nbytes in kept.items() if address not in saved)
+    loss.backward()
+    old = estimate_analytic(cfg, device="cpu", bitsandbytes="0.42.0")
+    new = estimate_analytic(cfg, device="cpu", bitsandbytes="0.43.2")
+    assert only_on_ctx > 0
+    assert old.totals["saved_for_backward"] == new.totals["saved_for_backward"]  # hooks never see ctx.tensors
+    added = old.totals["activations"] - new.totals["activations"]
+    assert added == pytest.approx(only_on_ctx, rel=COMPONENT_TOLERANCE)
+    assert any("bitsandbytes 0.42.0 keeps every 4-bit linear's input" in note for note in old.notes)
+    assert not any("bitsandbytes" in note and "keeps every" in note for note in new.notes)
 
 
 def test_eight_bit_adam_keeps_about_two_bytes_per_parameter():

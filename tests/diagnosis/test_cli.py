@@ -118,3 +118,17 @@ def test_fit_answers_in_words_and_in_json():
     nothing = diagnosis("fit", "--set", "model.name=llama-3-70b", "--gpu", "T4", "--knob", "train.micro_batch_size")
     assert nothing.returncode == 0
     assert nothing.stdout.startswith("Nothing fits in 14.8 GiB: even train.micro_batch_size=1")
+
+
+def test_estimate_and_suggest_follow_the_named_bitsandbytes():
+    qlora = ["--set", "model.name=llama-2-7b", "--set", "model.dtype=bf16", "--set", "model.quantization=nf4"]
+    peaks = {}
+    for version in ("0.42.0", "0.43.2"):
+        result = diagnosis("estimate", *qlora, "--bitsandbytes-version", version, "--json")
+        assert result.returncode == 0, result.stderr
+        peaks[version] = json.loads(result.stdout)["peak_allocated_bytes"]
+    assert peaks["0.42.0"] > peaks["0.43.2"]
+    result = diagnosis("suggest", *qlora, "--bitsandbytes-version", "0.42.0", "--json")
+    assert result.returncode == 0, result.stderr
+    changes = [item["change"] for item in json.loads(result.stdout)["suggestions"]]
+    assert "pip install 'bitsandbytes>=0.43.2'" in changes

@@ -197,3 +197,50 @@ def test_a_data_parallel_run_that_shards_nothing_hears_of_fsdp_beside_zero_when_
     # parameter, sharded); FSDP shards the weights too and keeps bf16 states (4 B a parameter).
     assert fsdp.saves_bytes > zero.saves_bytes > 0
     assert "no fp32 master copy" in fsdp.why and "more than the ZeRO change" in fsdp.why
+
+
+def _qlora(seq_len: int = 2048) -> RunConfig:
+    return validate_config(
+        {
+            "model": {"name": "llama-2-7b", "dtype": "bf16", "quantization": "nf4"},
+            "data": {"seq_len": seq_len},
+            "train": {"micro_batch_size": 2},
+        }
+    )
+
+
+def test_an_old_bitsandbytes_is_told_to_upgrade_with_the_bytes_the_estimator_says_it_saves():
+    from diagnosis.analytic import estimate_analytic
+
+    cfg = _qlora()
+    items = suggest(Evidence(config=cfg, bitsandbytes_version="0.42.0"), estimate_analytic)
+    upgrade = [s for s in items if s.change == "pip install 'bitsandbytes>=0.43.2'"]
+    assert len(upgrade) == 1 and upgrade[0].category == "quantization"
+    old = estimate_analytic(cfg, bitsandbytes="0.42.0").device_bytes
+    assert upgrade[0].saves_bytes == old - estimate_analytic(cfg, bitsandbytes="0.43.2").device_bytes
+    assert upgrade[0].saves_bytes > GIB  # every 4-bit linear's input of 2 × 2,048 tokens, 32 layers
+    assert "0.42.0" in upgrade[0].why
+    # Every what-if of the same evidence is measured with the same old bitsandbytes.
+    shorter = next(s for s in items if s.category == "reduce_seq_len")
+    halved = estimate_analytic(validate_config({**cfg.to_dict(), "data": {"seq_len": 1024}}), bitsandbytes="0.42.0")
+    assert shorter.patch == {"data.seq_len": 1024}
+    assert shorter.saves_bytes == old - halved.device_bytes
+
+
+def test_a_current_bitsandbytes_or_an_unquantised_run_hears_nothing_of_upgrading():
+    from diagnosis.analytic import estimate_analytic
+
+    unquantised = validate_config({"model": {"name": "llama-2-7b", "dtype": "bf16"}})
+    for evidence in (
+        Evidence(config=_qlora(), bitsandbytes_version="0.43.3"),
+        Evidence(config=unquantised, bitsandbytes_version="0.42.0"),
+    ):
+        assert not [s for s in suggest(evidence, estimate_analytic) if "bitsandbytes>=" in s.change]
+
+
+def test_a_recorded_runs_bitsandbytes_comes_from_its_environment():
+    from diagnosis.suggest import evidence_for_run
+
+    environment = {"versions": {"torch": "2.3.1", "bitsandbytes": "0.42.0"}}
+    evidence = evidence_for_run(None, _qlora().to_dict(), environment)
+    assert (evidence.torch_version, evidence.bitsandbytes_version) == ("2.3.1", "0.42.0")

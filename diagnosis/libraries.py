@@ -1,0 +1,54 @@
+"""Library versions that change a step's memory, and which version an estimate assumes.
+
+Most memory rules hold across versions; the ones that do not are kept here, each with the
+version that changed it, so an estimate can follow the versions that actually ran (a post-mortem's
+recorded environment, a published measurement's stated versions) instead of whatever this machine
+has installed.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+
+# bitsandbytes before 0.43.2 kept the input A of every 4-bit matmul on its autograd ctx
+# (`ctx.tensors = (A, B)`) although frozen 4-bit weights never get a gradient that needs it;
+# bitsandbytes#1270 (merged 2024-07-16, released in 0.43.2) keeps `(None, B)`.
+BNB_MATMUL4BIT_DROPS_INPUT = (0, 43, 2)
+SRC_BNB_1270 = (
+    "bitsandbytes#1270 'delete useless buffered activation' (in 0.43.2): MatMul4Bit.forward kept "
+    "ctx.tensors = (A, B) whenever an input needed a gradient, so every 4-bit linear's input lived until "
+    "its backward; from 0.43.2 it keeps (None, B)"
+)
+
+
+# A version that names today's release, for a reader that must not fall back on this machine's.
+LATEST = "latest"
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """The release numbers of a version or a requirement (`0.43.3`, `>=0.43.0`, `0.42.0.dev1`);
+    None when there are none. A requirement gives its lower bound, the version a reader can rely on."""
+    if not text:
+        return None
+    found = re.search(r"\d+(?:\.\d+)*", str(text))
+    return tuple(int(part) for part in found.group(0).split(".")) if found else None
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def bitsandbytes_keeps_matmul_input(version: str | None) -> bool:
+    """Whether this bitsandbytes keeps a 4-bit matmul's input for backward; an unknown version is
+    taken as current (what `pip install bitsandbytes` gives today), which keeps none."""
+    parsed = parse_version(version)
+    return parsed is not None and parsed < BNB_MATMUL4BIT_DROPS_INPUT
+
+
+def bitsandbytes_for_estimate(version: str | None) -> str | None:
+    """The bitsandbytes an estimate follows: the one named, else the one installed here, else None."""
+    return version or installed_version("bitsandbytes")
