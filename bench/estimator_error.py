@@ -262,8 +262,8 @@ def evaluate(points: Sequence[Point], model_configs: dict[str, dict[str, Any]], 
             for mode in modes:
                 started = time.perf_counter()
                 try:
-                    bitsandbytes = point.versions.get("bitsandbytes", LATEST)
-                    estimate = _estimator(mode)(cfg, device="cuda", bitsandbytes=bitsandbytes)
+                    versions = {name: point.versions.get(name, LATEST) for name in ("bitsandbytes", "transformers")}
+                    estimate = _estimator(mode)(cfg, device="cuda", **versions)
                     row.estimated[mode] = int(getattr(estimate, METRIC_LEVEL[point.metric]))
                 except Exception as error:  # noqa: BLE001 - one broken point must not hide the rest
                     row.failure[mode] = _one_line(error)

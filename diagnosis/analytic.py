@@ -36,8 +36,11 @@ from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.libraries import (
     SRC_BNB_1270,
+    SRC_TRANSFORMERS_REENTRANT,
     bitsandbytes_for_estimate,
     bitsandbytes_keeps_matmul_input,
+    checkpoints_reentrantly,
+    transformers_for_estimate,
 )
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
@@ -948,8 +951,13 @@ def _grad_fractions(run: _Run) -> tuple[float, float]:
     return s.layer_parameters() / total, embeddings / total
 
 
-def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered) -> list[_Moment]:
-    """The candidate peaks of a steady-state step (optimizer states already exist)."""
+def _moments(
+    run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int = 0
+) -> list[_Moment]:
+    """The candidate peaks of a steady-state step (optimizer states already exist).
+
+    `kept_gradients`: input gradients FSDP keeps to the end of backward (_fsdp_kept_input_gradients),
+    which also keeps every checkpointed input alive through layer 0's backward."""
     s = run.shape
     activations = acts.total(s.num_layers)
     fp32_cells = run.block(run.tokens * s.vocab_size * 4)
@@ -1009,7 +1017,9 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered)
             "backward",
             **common,
             gradients=before_layer0,
-            activations=acts.embedding + acts.mask + acts.first_layer,
+            activations=acts.embedding + acts.mask + acts.first_layer
+            + (activations - acts.embedding - acts.mask - acts.first_layer - acts.head + kept_gradients
+               if kept_gradients else 0),
             transient=backward_t + gathered.backward,
         ),
         _moment(
@@ -1146,25 +1156,31 @@ def _kbit_note(run: _Run, cfg: RunConfig, acts: _Activations) -> str | None:
 
 
 def estimate_analytic(
-    cfg: RunConfig, *, device: str = "cuda", shape: ModelShape | None = None, bitsandbytes: str | None = None
+    cfg: RunConfig,
+    *,
+    device: str = "cuda",
+    shape: ModelShape | None = None,
+    bitsandbytes: str | None = None,
+    transformers: str | None = None,
 ) -> MemoryEstimate:
     """Estimate one training step's memory from formulas (no torch, no transformers).
 
     `device` is where the step runs: "cuda" adds the CUDA context, rounds every tensor up to the
     caching allocator's 512-byte blocks and uses CUDA's kernels' rules (bool dropout masks, fused
-    SDPA with dropout, foreach optimizers); "cpu" matches the runner on the CPU. `bitsandbytes` is
-    the version that runs a quantised step (a recorded run's, a published one's); by default the
-    one installed here, and current behaviour where there is none.
+    SDPA with dropout, foreach optimizers); "cpu" matches the runner on the CPU. `bitsandbytes` and
+    `transformers` are the versions that run the step (a recorded run's, a published one's); by
+    default the ones installed here, and current behaviour where there are none.
     """
     shape = shape or shape_for(cfg.model.name)
     version = bitsandbytes_for_estimate(bitsandbytes)
-    estimate = _estimate(cfg, device, shape, version)
-    note = _bitsandbytes_note(cfg, device, shape, version, estimate)
+    reentrant = checkpoints_reentrantly(transformers_for_estimate(transformers))
+    estimate = _estimate(cfg, device, shape, version, reentrant)
+    note = _bitsandbytes_note(cfg, device, shape, version, reentrant, estimate)
     return dataclasses.replace(estimate, notes=(*estimate.notes, note)) if note else estimate
 
 
 def _bitsandbytes_note(
-    cfg: RunConfig, device: str, shape: ModelShape, version: str | None, estimate: MemoryEstimate
+    cfg: RunConfig, device: str, shape: ModelShape, version: str | None, reentrant: bool, estimate: MemoryEstimate
 ) -> str | None:
     """What the bitsandbytes version is worth to this peak, when it matters (4-bit weights)."""
     if cfg.model.quantization != "nf4":
@@ -1172,7 +1188,7 @@ def _bitsandbytes_note(
     keeps = bitsandbytes_keeps_matmul_input(version)
     if not keeps and version is not None:
         return None
-    other = _estimate(cfg, device, shape, None if keeps else OLD_BITSANDBYTES)
+    other = _estimate(cfg, device, shape, None if keeps else OLD_BITSANDBYTES, reentrant)
     differs = human_bytes(abs(estimate.peak_allocated_bytes - other.peak_allocated_bytes))
     if keeps:
         return (
@@ -1185,7 +1201,20 @@ def _bitsandbytes_note(
     )
 
 
-def _estimate(cfg: RunConfig, device: str, shape: ModelShape, bitsandbytes: str | None) -> MemoryEstimate:
+def _fsdp_kept_input_gradients(run: _Run, cfg: RunConfig, acts: _Activations, reentrant: bool) -> int:
+    """FSDP1 reshards a unit whose weights are all frozen (every decoder layer under LoRA) from a
+    multi-grad hook on its forward input (_register_post_backward_reshard_only_hook). Under reentrant
+    checkpointing that input is the checkpoint's detached copy: the hook's closure keeps it, and the
+    gradient the checkpoint stores in its .grad, until backward ends. At layer 0's backward every
+    other layer's input gradient is alive (reproduced on the CPU, torch 2.4.1 and 2.13, two ranks)."""
+    if not (fsdp_strategy(cfg) and cfg.lora is not None and run.checkpointing and reentrant):
+        return 0
+    return (run.shape.num_layers - 1) * acts.per_layer  # per_layer is the checkpointed input under checkpointing
+
+
+def _estimate(
+    cfg: RunConfig, device: str, shape: ModelShape, bitsandbytes: str | None, reentrant: bool
+) -> MemoryEstimate:
     run = _resolve(cfg, shape, device, bitsandbytes)
     acts = _walk(run)
     parameter_terms = _parameter_terms(run)
@@ -1205,7 +1234,8 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, bitsandbytes: str 
         states_paged=cfg.train.optimizer.startswith("paged"),
     )
     gathered = gathered_parameter_bytes(shape, cfg)
-    moments = _moments(run, acts, persistent, gathered)
+    kept_gradients = _fsdp_kept_input_gradients(run, cfg, acts, reentrant)
+    moments = _moments(run, acts, persistent, gathered, kept_gradients)
     peak = max(moments, key=lambda moment: moment.total)
     runtime = CUDA_CONTEXT_BYTES if run.device == "cuda" else 0
     terms = [
@@ -1219,6 +1249,16 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, bitsandbytes: str 
     ]
     if gathered:
         terms.append(gathered.term())
+    if kept_gradients:
+        terms.append(
+            Term(
+                "activations: layer input gradients FSDP keeps to the end of backward",
+                kept_gradients,
+                f"({shape.num_layers} - 1) × b·s·h in the hidden dtype, beside every checkpointed input, at layer 0",
+                f"torch FSDP1 _runtime_utils._register_post_backward_reshard_only_hook + reentrant "
+                f"torch.utils.checkpoint; {SRC_TRANSFORMERS_REENTRANT}",
+            )
+        )
     reserve = allocator_reserve_bytes(peak.total) if run.device == "cuda" else 0
     if reserve:
         terms.append(reserve_term(peak.total))

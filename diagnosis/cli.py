@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--traced", action="store_true", help="trace the real model under fake tensors (slower)")
     estimate.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     _add_bitsandbytes(estimate)
+    estimate.add_argument(
+        "--transformers-version",
+        help="the transformers that runs the step (before 5.0 it checkpoints reentrantly); default: the one installed",
+    )
     estimate.add_argument("--json", action="store_true")
 
     fit = commands.add_parser("fit", help="the longest sequence / largest micro-batch that fits")
@@ -233,20 +237,21 @@ def _recorded(run: str, db_url: str | None):
     return evidence_for_run(dataclasses.asdict(record), config, environment)
 
 
-def _estimate(cfg, traced: bool, device: str, bitsandbytes: str | None):
+def _estimate(cfg, traced: bool, device: str, versions: dict[str, str | None]):
     if traced:
         from diagnosis.traced import estimate_traced
 
-        return estimate_traced(cfg, device=device, bitsandbytes=bitsandbytes)
+        return estimate_traced(cfg, device=device, **versions)
     from diagnosis.analytic import estimate_analytic
 
-    return estimate_analytic(cfg, device=device, bitsandbytes=bitsandbytes)
+    return estimate_analytic(cfg, device=device, **versions)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     cfg = _config(args, required=True)
     capacity = _capacity(args)
-    result = _estimate(cfg, args.traced, args.device, args.bitsandbytes_version)
+    versions = {"bitsandbytes": args.bitsandbytes_version, "transformers": args.transformers_version}
+    result = _estimate(cfg, args.traced, args.device, versions)
     data = result.to_json(capacity)
     lines = [f"peak allocated  {human_bytes(result.peak_allocated_bytes)}  ({result.mode}, at {result.peak_phase})"]
     lines += [f"  {key:<18}{human_bytes(value)}" for key, value in data["breakdown"].items()]

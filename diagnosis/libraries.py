@@ -22,6 +22,14 @@ SRC_BNB_1270 = (
 )
 
 
+# transformers' gradient_checkpointing_enable() without kwargs checkpoints reentrantly before 5.0
+# (read in the 4.57.6 and 5.0.0 wheels' modeling_utils.py).
+TRANSFORMERS_NON_REENTRANT_SINCE = (5, 0, 0)
+SRC_TRANSFORMERS_REENTRANT = (
+    "transformers#28538 made gradient_checkpointing_enable() pass use_reentrant=True when given no kwargs; "
+    "transformers#43203 switched it to False, first released in 5.0.0 (4.57.6 still True)"
+)
+
 # A version that names today's release, for a reader that must not fall back on this machine's.
 LATEST = "latest"
 
@@ -47,6 +55,17 @@ def bitsandbytes_keeps_matmul_input(version: str | None) -> bool:
     taken as current (what `pip install bitsandbytes` gives today), which keeps none."""
     parsed = parse_version(version)
     return parsed is not None and parsed < BNB_MATMUL4BIT_DROPS_INPUT
+
+
+def checkpoints_reentrantly(transformers: str | None) -> bool:
+    """Whether this transformers' default gradient checkpointing is the reentrant kind."""
+    parsed = parse_version(transformers)
+    return parsed is not None and parsed < TRANSFORMERS_NON_REENTRANT_SINCE
+
+
+def transformers_for_estimate(version: str | None) -> str | None:
+    """The transformers an estimate follows: the one named, else the one installed here."""
+    return version or installed_version("transformers")
 
 
 def bitsandbytes_for_estimate(version: str | None) -> str | None:

@@ -21,6 +21,7 @@ states made by the first are alive during the second's forward, as in every step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import threading
@@ -47,6 +48,7 @@ from diagnosis.analytic import (
     SRC_CONTEXT,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
+from diagnosis.libraries import checkpoints_reentrantly, transformers_for_estimate
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from trainer.config import RunConfig
@@ -681,13 +683,25 @@ def _optimizer(cfg: RunConfig, model: torch.nn.Module, on_cuda: bool) -> tuple[O
 _TRACE_LOCK = threading.Lock()
 
 
-def estimate_traced(cfg: RunConfig, *, device: str = "cuda", bitsandbytes: str | None = None) -> MemoryEstimate:
+def estimate_traced(
+    cfg: RunConfig, *, device: str = "cuda", bitsandbytes: str | None = None, transformers: str | None = None
+) -> MemoryEstimate:
     """Peak allocated bytes of one training step of `cfg` on `device` ("cuda" or "cpu"), traced.
 
-    `bitsandbytes` is accepted as the analytic estimator takes it; quantised configs are refused
-    here (bitsandbytes cannot run under fake tensors on the CPU), so no version changes a trace."""
+    The versions are taken as the analytic estimator takes them. Quantised configs are refused here
+    (bitsandbytes cannot run under fake tensors on the CPU), so no bitsandbytes changes a trace; the
+    trace runs no FSDP, so what FSDP1 keeps under a transformers that checkpoints reentrantly is
+    only named in a note."""
     with _TRACE_LOCK:
-        return _estimate_traced(cfg, device)
+        estimate = _estimate_traced(cfg, device)
+    if fsdp_strategy(cfg) and cfg.lora is not None and cfg.model.gradient_checkpointing:
+        if checkpoints_reentrantly(transformers_for_estimate(transformers)):
+            note = (
+                "FSDP1 under reentrant checkpointing keeps every layer's input gradient to the end of backward: "
+                "not in this trace (the analytic estimate counts it)"
+            )
+            estimate = dataclasses.replace(estimate, notes=(*estimate.notes, note))
+    return estimate
 
 
 def _estimate_traced(cfg: RunConfig, device: str) -> MemoryEstimate:
