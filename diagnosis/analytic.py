@@ -37,10 +37,9 @@ from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.libraries import (
     SRC_BNB_1270,
     SRC_TRANSFORMERS_REENTRANT,
-    bitsandbytes_for_estimate,
     bitsandbytes_keeps_matmul_input,
     checkpoints_reentrantly,
-    transformers_for_estimate,
+    version_that_runs,
 )
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
@@ -952,7 +951,7 @@ def _grad_fractions(run: _Run) -> tuple[float, float]:
 
 
 def _moments(
-    run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int = 0
+    run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int
 ) -> list[_Moment]:
     """The candidate peaks of a steady-state step (optimizer states already exist).
 
@@ -979,6 +978,10 @@ def _moments(
     if run.accum > 1:
         largest = run.block(s.largest_parameter() * ITEMSIZE[run.param_dtype]) if run.full_ft else 0
         embedding_t += max(head_grad, largest)
+    # Kept input gradients keep every checkpointed input alive too; only the head's tensors are gone.
+    layer0_activations = (
+        activations - acts.head + kept_gradients if kept_gradients else acts.embedding + acts.mask + acts.first_layer
+    )
     return [
         _moment(
             "forward",
@@ -1017,9 +1020,7 @@ def _moments(
             "backward",
             **common,
             gradients=before_layer0,
-            activations=acts.embedding + acts.mask + acts.first_layer
-            + (activations - acts.embedding - acts.mask - acts.first_layer - acts.head + kept_gradients
-               if kept_gradients else 0),
+            activations=layer0_activations,
             transient=backward_t + gathered.backward,
         ),
         _moment(
@@ -1172,8 +1173,8 @@ def estimate_analytic(
     default the ones installed here, and current behaviour where there are none.
     """
     shape = shape or shape_for(cfg.model.name)
-    version = bitsandbytes_for_estimate(bitsandbytes)
-    reentrant = checkpoints_reentrantly(transformers_for_estimate(transformers))
+    version = version_that_runs("bitsandbytes", bitsandbytes)
+    reentrant = checkpoints_reentrantly(version_that_runs("transformers", transformers))
     estimate = _estimate(cfg, device, shape, version, reentrant)
     note = _bitsandbytes_note(cfg, device, shape, version, reentrant, estimate)
     return dataclasses.replace(estimate, notes=(*estimate.notes, note)) if note else estimate
@@ -1201,13 +1202,17 @@ def _bitsandbytes_note(
     )
 
 
-def _fsdp_kept_input_gradients(run: _Run, cfg: RunConfig, acts: _Activations, reentrant: bool) -> int:
+def fsdp_keeps_input_gradients(cfg: RunConfig, reentrant: bool) -> bool:
     """FSDP1 reshards a unit whose weights are all frozen (every decoder layer under LoRA) from a
     multi-grad hook on its forward input (_register_post_backward_reshard_only_hook). Under reentrant
     checkpointing that input is the checkpoint's detached copy: the hook's closure keeps it, and the
     gradient the checkpoint stores in its .grad, until backward ends. At layer 0's backward every
     other layer's input gradient is alive (reproduced on the CPU, torch 2.4.1 and 2.13, two ranks)."""
-    if not (fsdp_strategy(cfg) and cfg.lora is not None and run.checkpointing and reentrant):
+    return bool(fsdp_strategy(cfg)) and cfg.lora is not None and cfg.model.gradient_checkpointing and reentrant
+
+
+def _fsdp_kept_input_gradients(run: _Run, cfg: RunConfig, acts: _Activations, reentrant: bool) -> int:
+    if not fsdp_keeps_input_gradients(cfg, reentrant):
         return 0
     return (run.shape.num_layers - 1) * acts.per_layer  # per_layer is the checkpointed input under checkpointing
 

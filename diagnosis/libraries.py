@@ -63,11 +63,6 @@ def checkpoints_reentrantly(transformers: str | None) -> bool:
     return parsed is not None and parsed < TRANSFORMERS_NON_REENTRANT_SINCE
 
 
-def transformers_for_estimate(version: str | None) -> str | None:
-    """The transformers an estimate follows: the one named, else the one installed here."""
-    return version or installed_version("transformers")
-
-
-def bitsandbytes_for_estimate(version: str | None) -> str | None:
-    """The bitsandbytes an estimate follows: the one named, else the one installed here, else None."""
-    return version or installed_version("bitsandbytes")
+def version_that_runs(package: str, named: str | None) -> str | None:
+    """The version of `package` an estimate follows: the one named, else the one installed here, else None."""
+    return named or installed_version(package)

@@ -26,8 +26,8 @@ from typing import Any, Literal
 from diagnosis.estimate import MemoryEstimate
 from diagnosis.libraries import (
     BNB_MATMUL4BIT_DROPS_INPUT,
-    bitsandbytes_for_estimate,
     bitsandbytes_keeps_matmul_input,
+    version_that_runs,
 )
 from diagnosis.oom_text import OomMessage
 from diagnosis.units import GIB, MIB, human_bytes
@@ -575,7 +575,7 @@ def _rule_bitsandbytes(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
     if cfg is None or cfg.model.quantization != "nf4" or ctx.base is None or ctx.estimator is None:
         return []
-    version = bitsandbytes_for_estimate(ctx.ev.bitsandbytes_version)
+    version = version_that_runs("bitsandbytes", ctx.ev.bitsandbytes_version)
     if not bitsandbytes_keeps_matmul_input(version):
         return []
     fixed = ".".join(str(part) for part in BNB_MATMUL4BIT_DROPS_INPUT)

@@ -46,9 +46,10 @@ from diagnosis.analytic import (
     CUDA_CONTEXT_BYTES,
     SRC_BNB_8BIT,
     SRC_CONTEXT,
+    fsdp_keeps_input_gradients,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
-from diagnosis.libraries import checkpoints_reentrantly, transformers_for_estimate
+from diagnosis.libraries import checkpoints_reentrantly, version_that_runs
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from trainer.config import RunConfig
@@ -694,13 +695,12 @@ def estimate_traced(
     only named in a note."""
     with _TRACE_LOCK:
         estimate = _estimate_traced(cfg, device)
-    if fsdp_strategy(cfg) and cfg.lora is not None and cfg.model.gradient_checkpointing:
-        if checkpoints_reentrantly(transformers_for_estimate(transformers)):
-            note = (
-                "FSDP1 under reentrant checkpointing keeps every layer's input gradient to the end of backward: "
-                "not in this trace (the analytic estimate counts it)"
-            )
-            estimate = dataclasses.replace(estimate, notes=(*estimate.notes, note))
+    if fsdp_keeps_input_gradients(cfg, checkpoints_reentrantly(version_that_runs("transformers", transformers))):
+        note = (
+            "FSDP1 under reentrant checkpointing keeps every layer's input gradient to the end of backward: "
+            "not in this trace (the analytic estimate counts it)"
+        )
+        estimate = dataclasses.replace(estimate, notes=(*estimate.notes, note))
     return estimate
 
 
