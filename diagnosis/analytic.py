@@ -36,10 +36,9 @@ from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.libraries import (
     SRC_BNB_1270,
+    SRC_TRANSFORMERS_LOSS_DTYPE,
     SRC_TRANSFORMERS_REENTRANT,
-    bitsandbytes_keeps_matmul_input,
-    checkpoints_reentrantly,
-    version_that_runs,
+    Libraries,
 )
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
@@ -131,6 +130,9 @@ class _Run:
     accum: int
     # bitsandbytes < 0.43.2: every 4-bit matmul keeps its input on its autograd ctx (SRC_BNB_1270).
     bnb_keeps_input: bool = False
+    # The loss runs on fp32 logits (ForCausalLMLoss); False: on the logits' own dtype, as some
+    # models did before the shared loss (SRC_TRANSFORMERS_LOSS_DTYPE).
+    loss_upcast: bool = True
 
     @property
     def tokens(self) -> int:
@@ -165,7 +167,7 @@ def _attention_kernel(cfg: RunConfig, shape: ModelShape, device: str) -> str:
     return "eager"
 
 
-def _resolve(cfg: RunConfig, shape: ModelShape, device: str, bitsandbytes: str | None = None) -> _Run:
+def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Libraries = Libraries()) -> _Run:
     lora = cfg.lora
     kbit_prepared = cfg.model.quantization != "none" and cfg.model.prepare_for_kbit_training
     # The dtype of the weights outside the quantised linears, which the hidden states take from the
@@ -192,7 +194,8 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, bitsandbytes: str |
         optimizer=cfg.train.optimizer,
         weight_decay=cfg.train.weight_decay,
         accum=cfg.train.grad_accum_steps,
-        bnb_keeps_input=cfg.model.quantization == "nf4" and bitsandbytes_keeps_matmul_input(bitsandbytes),
+        bnb_keeps_input=cfg.model.quantization == "nf4" and libraries.bnb_keeps_matmul_input,
+        loss_upcast=libraries.loss_upcasts_logits(shape.model_type),
     )
 
 
@@ -563,7 +566,10 @@ class _Activations:
     loss_saved: int  # log-softmax output and the shifted labels
     hidden: int  # of the saved bytes, those saved-tensor hooks do not see
     logits: int  # lm_head output, alive until forward returns
-    logits_upcast: int  # logits.float() in ForCausalLMLoss when logits are 16-bit
+    # What the loss reads beside the logits: logits.float() in ForCausalLMLoss when they are 16-bit,
+    # or, before the shared loss, a shifted contiguous copy in their own dtype (SRC_TRANSFORMERS_LOSS_DTYPE).
+    loss_input: int
+    loss_cells: int  # one b·s·V tensor in the loss's dtype: the log-softmax output and each of its gradients
     layer_full: int  # one layer's own saved bytes (what checkpointing recomputes)
     by_tag: dict[str, int]  # one typical layer's bytes on the main trace, by part
     layer_tags: dict[str, int]  # one typical layer's own saved bytes by part, checkpointed or not
@@ -635,19 +641,24 @@ def _walk(run: _Run) -> _Activations:
             soft = tr.new(logits.numel, logits.dtype, True)
             tr.save(soft)
     head = tr.total - before
-    vocab_cells = run.tokens * s.vocab_size
-    labels = (run.seq + 1) * 8 if run.batch == 1 else run.tokens * 8  # pad(labels)[..., 1:].contiguous()
-    fp32_cells = run.block(vocab_cells * 4)
+    if run.loss_upcast:
+        rows, loss_dtype = run.tokens, "fp32"
+        labels = (run.seq + 1) * 8 if run.batch == 1 else run.tokens * 8  # pad(labels)[..., 1:].contiguous()
+    else:  # shift_logits = logits[..., :-1, :].contiguous(); labels[..., 1:].contiguous()
+        rows, loss_dtype = run.batch * (run.seq - 1), logits.dtype
+        labels = 0 if run.batch == 1 else rows * 8
+    loss_cells = run.block(rows * s.vocab_size * ITEMSIZE[loss_dtype])
     return _Activations(
         embedding=embedding,
         first_layer=first,
         per_layer=per_layer,
         head=head,
         mask=mask,
-        loss_saved=fp32_cells + run.block(labels) + run.block(4),  # log_softmax output, target, total_weight
+        loss_saved=loss_cells + run.block(labels) + run.block(4),  # log_softmax output, target, total_weight
         hidden=tr.hidden + later_hidden,
         logits=logits.storage,
-        logits_upcast=fp32_cells if logits.dtype != "fp32" else 0,
+        loss_input=0 if run.loss_upcast and logits.dtype == "fp32" else loss_cells,
+        loss_cells=loss_cells,
         layer_full=_own_bytes(layer, layer_input),
         by_tag=tags,
         layer_tags=dict(layer.by_tag),
@@ -950,25 +961,22 @@ def _grad_fractions(run: _Run) -> tuple[float, float]:
     return s.layer_parameters() / total, embeddings / total
 
 
-def _moments(
-    run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int
-) -> list[_Moment]:
+def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int) -> list[_Moment]:
     """The candidate peaks of a steady-state step (optimizer states already exist).
 
     `kept_gradients`: input gradients FSDP keeps to the end of backward (_fsdp_kept_input_gradients),
     which also keeps every checkpointed input alive through layer 0's backward."""
     s = run.shape
     activations = acts.total(s.num_layers)
-    fp32_cells = run.block(run.tokens * s.vocab_size * 4)
     # Later micro-batches of an accumulation run forward and backward on top of the gradients.
     held = st.gradients if run.accum > 1 else 0
     states = 0 if st.states_paged else st.optimizer_states
     forward_t, backward_t = _layer_transients(run, acts)
     head_grad = run.block(s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype]) if run.full_ft else 0
     common = dict(parameters=st.parameters, optimizer_states=states)
-    loss_forward = acts.loss_saved + acts.logits + acts.logits_upcast
-    # nll_loss's gradient and log_softmax's input gradient, both b·s·V fp32, beside the saved output.
-    loss_backward = acts.loss_saved + 2 * fp32_cells
+    loss_forward = acts.loss_saved + acts.logits + acts.loss_input
+    # nll_loss's gradient and log_softmax's input gradient, both b·s·V in the loss's dtype, beside the saved output.
+    loss_backward = acts.loss_saved + 2 * acts.loss_cells
     last_layer_rest = 0 if run.checkpointing else acts.layer_tags.get("mlp", 0)
     layer_share, embedding_share = _grad_fractions(run)
     before_layer0 = max(held, round(st.gradients * (1 - layer_share - embedding_share)))
@@ -1078,16 +1086,18 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
 
 def _logit_terms(run: _Run, acts: _Activations) -> list[Term]:
     cells = run.tokens * run.shape.vocab_size
+    logits = f"b·s·V = {cells:,} × {ITEMSIZE[run.compute_dtype]} B"
+    if run.loss_upcast:
+        loss = f"{cells:,} × 4 B"
+        source, read = SRC_HF_LOSS, ("logits fp32 upcast", f"{loss} when logits are 16-bit")
+    else:
+        shifted = f"{run.batch * (run.seq - 1) * run.shape.vocab_size:,} × {ITEMSIZE[run.compute_dtype]} B"
+        source, read, loss = SRC_TRANSFORMERS_LOSS_DTYPE, ("shifted logits copy", f"b·(s−1)·V = {shifted}"), shifted
     return [
-        Term("logits", acts.logits, f"b·s·V = {cells:,} × {ITEMSIZE[run.compute_dtype]} B", SRC_HF_LOSS),
-        Term("logits fp32 upcast", acts.logits_upcast, f"{cells:,} × 4 B when logits are 16-bit", SRC_HF_LOSS),
-        Term("log-softmax kept for backward", acts.loss_saved, f"{cells:,} × 4 B + labels", SRC_HF_LOSS),
-        Term(
-            "loss gradient over the vocabulary",
-            2 * run.block(cells * 4),
-            f"2 × {cells:,} × 4 B at backward start",
-            SRC_HF_LOSS,
-        ),
+        Term("logits", acts.logits, logits, source),
+        Term(read[0], acts.loss_input, read[1], source),
+        Term("log-softmax kept for backward", acts.loss_saved, f"{loss} + labels", source),
+        Term("loss gradient over the vocabulary", 2 * acts.loss_cells, f"2 × {loss} at backward start", source),
     ]
 
 
@@ -1173,23 +1183,25 @@ def estimate_analytic(
     default the ones installed here, and current behaviour where there are none.
     """
     shape = shape or shape_for(cfg.model.name)
-    version = version_that_runs("bitsandbytes", bitsandbytes)
-    reentrant = checkpoints_reentrantly(version_that_runs("transformers", transformers))
-    estimate = _estimate(cfg, device, shape, version, reentrant)
-    note = _bitsandbytes_note(cfg, device, shape, version, reentrant, estimate)
+    libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers)
+    estimate = _estimate(cfg, device, shape, libraries)
+    note = _bitsandbytes_note(cfg, device, shape, libraries, estimate)
     return dataclasses.replace(estimate, notes=(*estimate.notes, note)) if note else estimate
 
 
 def _bitsandbytes_note(
-    cfg: RunConfig, device: str, shape: ModelShape, version: str | None, reentrant: bool, estimate: MemoryEstimate
+    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
 ) -> str | None:
     """What the bitsandbytes version is worth to this peak, when it matters (4-bit weights)."""
+    version = libraries.bitsandbytes
     if cfg.model.quantization != "nf4":
         return None
-    keeps = bitsandbytes_keeps_matmul_input(version)
+    keeps = libraries.bnb_keeps_matmul_input
     if not keeps and version is not None:
         return None
-    other = _estimate(cfg, device, shape, None if keeps else OLD_BITSANDBYTES, reentrant)
+    other = _estimate(
+        cfg, device, shape, dataclasses.replace(libraries, bitsandbytes=None if keeps else OLD_BITSANDBYTES)
+    )
     differs = human_bytes(abs(estimate.peak_allocated_bytes - other.peak_allocated_bytes))
     if keeps:
         return (
@@ -1217,10 +1229,8 @@ def _fsdp_kept_input_gradients(run: _Run, cfg: RunConfig, acts: _Activations, re
     return (run.shape.num_layers - 1) * acts.per_layer  # per_layer is the checkpointed input under checkpointing
 
 
-def _estimate(
-    cfg: RunConfig, device: str, shape: ModelShape, bitsandbytes: str | None, reentrant: bool
-) -> MemoryEstimate:
-    run = _resolve(cfg, shape, device, bitsandbytes)
+def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries) -> MemoryEstimate:
+    run = _resolve(cfg, shape, device, libraries)
     acts = _walk(run)
     parameter_terms = _parameter_terms(run)
     grad, states, opt_temp = _gradient_term(run), _optimizer_term(run), _optimizer_transient(run)
@@ -1239,7 +1249,7 @@ def _estimate(
         states_paged=cfg.train.optimizer.startswith("paged"),
     )
     gathered = gathered_parameter_bytes(shape, cfg)
-    kept_gradients = _fsdp_kept_input_gradients(run, cfg, acts, reentrant)
+    kept_gradients = _fsdp_kept_input_gradients(run, cfg, acts, libraries.checkpoints_reentrantly)
     moments = _moments(run, acts, persistent, gathered, kept_gradients)
     peak = max(moments, key=lambda moment: moment.total)
     runtime = CUDA_CONTEXT_BYTES if run.device == "cuda" else 0
@@ -1281,8 +1291,7 @@ def _estimate(
             "gradients": persistent.gradients,
             "optimizer_states": persistent.optimizer_states,
             "activations": activations,
-            "logits_loss": acts.loss_saved
-            + max(acts.logits + acts.logits_upcast, 2 * run.block(4 * run.tokens * shape.vocab_size)),
+            "logits_loss": acts.loss_saved + max(acts.logits + acts.loss_input, 2 * acts.loss_cells),
             # What the runner's ActivationCounter measures: the storages saved-tensor hooks see.
             "saved_for_backward": acts.hooks_see(shape.num_layers),
             "optimizer_transient": persistent.optimizer_transient,

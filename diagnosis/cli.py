@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_capacity(suggest)
     suggest.add_argument("--torch-version", help="the torch that ran (decides the allocator setting)")
     _add_bitsandbytes(suggest)
+    _add_transformers(suggest)
     suggest.add_argument("--json", action="store_true")
 
     estimate = commands.add_parser("estimate", help="a config's peak memory per training step")
@@ -51,10 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--traced", action="store_true", help="trace the real model under fake tensors (slower)")
     estimate.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     _add_bitsandbytes(estimate)
-    estimate.add_argument(
-        "--transformers-version",
-        help="the transformers that runs the step (before 5.0 it checkpoints reentrantly); default: the one installed",
-    )
+    _add_transformers(estimate)
     estimate.add_argument("--json", action="store_true")
 
     fit = commands.add_parser("fit", help="the longest sequence / largest micro-batch that fits")
@@ -75,6 +73,14 @@ def _add_bitsandbytes(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--bitsandbytes-version",
         help="the bitsandbytes that runs a 4-bit step (before 0.43.2 it keeps more); default: the one installed",
+    )
+
+
+def _add_transformers(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--transformers-version",
+        help="the transformers that runs the step (before 5.0 it checkpoints reentrantly; before 4.49 GPT-2 and "
+        "GPTBigCode compute the loss in bf16); default: the one installed",
     )
 
 
@@ -167,11 +173,13 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     cfg = _config(args)
     message = postmortem = None
     torch_version, bitsandbytes = args.torch_version, args.bitsandbytes_version
+    transformers = args.transformers_version
     if args.run:
         recorded = _recorded(args.run, args.db)
         cfg, message, postmortem = cfg or recorded.config, recorded.message, recorded.postmortem
         torch_version = torch_version or recorded.torch_version
         bitsandbytes = bitsandbytes or recorded.bitsandbytes_version
+        transformers = transformers or recorded.transformers_version
     if args.file:
         text = _read_text(args.file)
         document = _json_document(text)
@@ -192,7 +200,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             "Not an OOM message, and no --config to estimate: nothing to suggest.",
         )
         return EXIT_OK
-    evidence = Evidence(cfg, message, postmortem, snapshot, _capacity(args), torch_version, bitsandbytes)
+    evidence = Evidence(cfg, message, postmortem, snapshot, _capacity(args), torch_version, bitsandbytes, transformers)
     items = suggest(evidence)
     text = "\n".join(
         f"{i}. [{s.category}] {s.change}\n   saves {human_bytes(s.saves_bytes)}"

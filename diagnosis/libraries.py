@@ -9,6 +9,7 @@ has installed.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import metadata
 
 # bitsandbytes before 0.43.2 kept the input A of every 4-bit matmul on its autograd ctx
@@ -28,6 +29,25 @@ TRANSFORMERS_NON_REENTRANT_SINCE = (5, 0, 0)
 SRC_TRANSFORMERS_REENTRANT = (
     "transformers#28538 made gradient_checkpointing_enable() pass use_reentrant=True when given no kwargs; "
     "transformers#43203 switched it to False, first released in 5.0.0 (4.57.6 still True)"
+)
+
+# Models that computed their loss on the logits as the LM head made them (16-bit under bf16
+# weights: a shifted contiguous copy, log-softmax and its gradients all 16-bit) until they moved to
+# the shared ForCausalLMLoss, which upcasts to fp32; the first release that upcasts, read in the
+# 4.45.2, 4.46.0, 4.46.3, 4.47.0, 4.48.0 and 4.49.0 wheels' modeling files. Llama, Mistral, Qwen2,
+# Gemma, Phi and the rest upcast in every release since 4.45 (`logits = logits.float()` in forward).
+LOSS_UPCAST_SINCE = {
+    "gpt2": (4, 49, 0),
+    "gpt_bigcode": (4, 49, 0),
+    "gpt_neox": (4, 49, 0),
+    "opt": (4, 49, 0),
+    "bloom": (4, 49, 0),
+    "falcon": (4, 49, 0),
+    "stablelm": (4, 46, 0),
+}
+SRC_TRANSFORMERS_LOSS_DTYPE = (
+    "transformers modeling_<model>.py before the shared loss_function (4.49.0; StableLM 4.46.0): "
+    "shift_logits = lm_logits[..., :-1, :].contiguous(); CrossEntropyLoss() on it, no .float()"
 )
 
 # A version that names today's release, for a reader that must not fall back on this machine's.
@@ -63,6 +83,39 @@ def checkpoints_reentrantly(transformers: str | None) -> bool:
     return parsed is not None and parsed < TRANSFORMERS_NON_REENTRANT_SINCE
 
 
+def loss_upcasts_logits(model_type: str, transformers: str | None) -> bool:
+    """Whether this transformers computes `model_type`'s loss on fp32 logits; an unknown version is
+    taken as current, where every model does."""
+    since = LOSS_UPCAST_SINCE.get(model_type)
+    parsed = parse_version(transformers)
+    return since is None or parsed is None or parsed >= since
+
+
 def version_that_runs(package: str, named: str | None) -> str | None:
     """The version of `package` an estimate follows: the one named, else the one installed here, else None."""
     return named or installed_version(package)
+
+
+@dataclass(frozen=True)
+class Libraries:
+    """The versions that run a step, as the estimators follow them: None where none is known, which
+    every rule reads as current behaviour."""
+
+    bitsandbytes: str | None = None
+    transformers: str | None = None
+
+    @classmethod
+    def that_run(cls, *, bitsandbytes: str | None = None, transformers: str | None = None) -> Libraries:
+        """The versions named, else those installed here."""
+        return cls(version_that_runs("bitsandbytes", bitsandbytes), version_that_runs("transformers", transformers))
+
+    @property
+    def bnb_keeps_matmul_input(self) -> bool:
+        return bitsandbytes_keeps_matmul_input(self.bitsandbytes)
+
+    @property
+    def checkpoints_reentrantly(self) -> bool:
+        return checkpoints_reentrantly(self.transformers)
+
+    def loss_upcasts_logits(self, model_type: str) -> bool:
+        return loss_upcasts_logits(model_type, self.transformers)

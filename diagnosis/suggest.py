@@ -126,6 +126,8 @@ class Evidence:
     torch_version: str | None = None
     # The bitsandbytes that ran (a recorded run's environment); None: the one installed here.
     bitsandbytes_version: str | None = None
+    # The transformers that ran: its checkpointing and some models' loss dtype depend on it.
+    transformers_version: str | None = None
 
 
 def evidence_for_run(
@@ -150,7 +152,14 @@ def evidence_for_run(
     message = parse_oom((postmortem or {}).get("error_text") or "") if postmortem else None
     packages = (environment or {}).get("versions") or {}
     return Evidence(
-        cfg, message, postmortem, None, capacity_bytes, packages.get("torch"), packages.get("bitsandbytes")
+        cfg,
+        message,
+        postmortem,
+        None,
+        capacity_bytes,
+        packages.get("torch"),
+        packages.get("bitsandbytes"),
+        packages.get("transformers"),
     )
 
 
@@ -276,6 +285,8 @@ def _estimate(ev: Evidence, estimator: Estimator, cfg: RunConfig, device: str, *
     """`cfg` estimated with the library versions that ran, where the evidence names them."""
     if ev.bitsandbytes_version and "bitsandbytes" not in versions:
         versions["bitsandbytes"] = ev.bitsandbytes_version
+    if ev.transformers_version and "transformers" not in versions:
+        versions["transformers"] = ev.transformers_version
     return estimator(cfg, device=device, **versions)
 
 

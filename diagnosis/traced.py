@@ -49,7 +49,7 @@ from diagnosis.analytic import (
     fsdp_keeps_input_gradients,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
-from diagnosis.libraries import checkpoints_reentrantly, version_that_runs
+from diagnosis.libraries import Libraries
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from trainer.config import RunConfig
@@ -487,6 +487,14 @@ def _autocast(cfg: RunConfig) -> torch.autocast:
 MICRO_BATCHES_TRACED = 2
 
 
+def loss_in_logits_dtype(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss of the models that, before transformers' shared ForCausalLMLoss, kept it in
+    the logits' dtype (SRC_TRANSFORMERS_LOSS_DTYPE): a shifted contiguous copy, no fp32 upcast."""
+    shift_logits = logits[..., :-1, :].contiguous()
+    shift_labels = labels[..., 1:].contiguous()
+    return torch.nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+
+
 def _one_step(
     model: torch.nn.Module,
     optimizer: OptimizerLike,
@@ -494,8 +502,12 @@ def _one_step(
     cfg: RunConfig,
     observer: _Observer,
     input_ids: Callable[[], torch.Tensor],
+    loss_upcast: bool = True,
 ) -> None:
-    """`trainer.loop.train`'s step, statement for statement, with the tracer told the phase."""
+    """`trainer.loop.train`'s step, statement for statement, with the tracer told the phase.
+
+    `loss_upcast` False: the loss as transformers computed it before the shared loss function for
+    models that kept the logits' dtype, so that an older transformers' step can be traced."""
     tracer, accum = observer.tracer, cfg.train.grad_accum_steps
     step_loss = None
     # From the second micro-batch on, every micro-batch meets the same memory (gradients already
@@ -505,7 +517,10 @@ def _one_step(
         tracer.phase = "forward"
         ids = input_ids()
         with _autocast(cfg), observer.forward():
-            loss = model(input_ids=ids, labels=ids).loss / accum
+            if loss_upcast:
+                loss = model(input_ids=ids, labels=ids).loss / accum
+            else:
+                loss = loss_in_logits_dtype(model(input_ids=ids).logits, ids) / accum
         tracer.phase = "backward"
         scaler.scale(loss).backward()
         tracer.in_logits = False  # the head's input needed no gradient: nothing else turned it off
@@ -533,6 +548,7 @@ def trace_steps(
     block_bytes: Callable[[int], int] = exact_bytes,
     scaler: _ScalerWithoutSync | torch.amp.GradScaler | None = None,
     host_step_counters: bool = False,
+    loss_upcast: bool = True,
 ) -> StepTrace:
     """Run `STEPS_TRACED` training steps of `model` (fake or real tensors) and measure the last.
 
@@ -550,7 +566,7 @@ def trace_steps(
             if step == STEPS_TRACED - 1:
                 live.reset_peak()
                 observer.reset_peaks()
-            _one_step(model, optimizer, scaler, cfg, observer, input_ids)
+            _one_step(model, optimizer, scaler, cfg, observer, input_ids, loss_upcast)
             for name, state in _optimizer_state_tensors(optimizer):
                 live.track(state, "optimizer_states")
                 if host_step_counters and name == "step" and state.dim() == 0:
@@ -693,9 +709,10 @@ def estimate_traced(
     (bitsandbytes cannot run under fake tensors on the CPU), so no bitsandbytes changes a trace; the
     trace runs no FSDP, so what FSDP1 keeps under a transformers that checkpoints reentrantly is
     only named in a note."""
+    libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers)
     with _TRACE_LOCK:
-        estimate = _estimate_traced(cfg, device)
-    if fsdp_keeps_input_gradients(cfg, checkpoints_reentrantly(version_that_runs("transformers", transformers))):
+        estimate = _estimate_traced(cfg, device, libraries)
+    if fsdp_keeps_input_gradients(cfg, libraries.checkpoints_reentrantly):
         note = (
             "FSDP1 under reentrant checkpointing keeps every layer's input gradient to the end of backward: "
             "not in this trace (the analytic estimate counts it)"
@@ -704,23 +721,23 @@ def estimate_traced(
     return estimate
 
 
-def _estimate_traced(cfg: RunConfig, device: str) -> MemoryEstimate:
+def _estimate_traced(cfg: RunConfig, device: str, libraries: Libraries) -> MemoryEstimate:
     on_cuda = device.startswith("cuda")
     try:
         with _eager_transformers(), _cuda_kernels() if on_cuda else nullcontext():
-            trace, notes = _trace_fake(cfg, on_cuda)
+            trace, notes = _trace_fake(cfg, on_cuda, libraries)
     except DataDependentOutputException:
         # An architecture that reads tensor values where the runner's inputs would have answered;
         # its tracing path needs no values, at the price of the causal mask it materialises.
         with _cuda_kernels() if on_cuda else nullcontext():
-            trace, notes = _trace_values_free(cfg, on_cuda)
+            trace, notes = _trace_values_free(cfg, on_cuda, libraries)
         notes.append("traced along transformers' tracing path: it builds a causal mask the runner may skip")
     return _estimate(trace, cfg, on_cuda, notes)
 
 
-def _trace_values_free(cfg: RunConfig, on_cuda: bool) -> tuple[StepTrace, list[str]]:
+def _trace_values_free(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[StepTrace, list[str]]:
     try:
-        return _trace_fake(cfg, on_cuda)
+        return _trace_fake(cfg, on_cuda, libraries)
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
         raise TracedEstimateUnsupported(
             f"model.name {cfg.model.name!r}: its step depends on tensor values ({error.func}), which fake tensors "
@@ -728,10 +745,17 @@ def _trace_values_free(cfg: RunConfig, on_cuda: bool) -> tuple[StepTrace, list[s
         ) from error
 
 
-def _trace_fake(cfg: RunConfig, on_cuda: bool) -> tuple[StepTrace, list[str]]:
+def _trace_fake(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[StepTrace, list[str]]:
     model, fake_mode, notes = build_fake_model(cfg)
     batch, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
     vocab = model.get_input_embeddings().num_embeddings
+    model_type = model.config.model_type
+    loss_upcast = libraries.loss_upcasts_logits(model_type)
+    if not loss_upcast:
+        notes.append(
+            f"loss traced as transformers {libraries.transformers} computed it for {model_type}: cross-entropy over a "
+            "shifted copy of the logits in their own dtype, no fp32 upcast (the shared loss that upcasts came later)"
+        )
     with fake_mode:
         optimizer, optimizer_notes = _optimizer(cfg, model, on_cuda)
         trace = trace_steps(
@@ -741,6 +765,7 @@ def _trace_fake(cfg: RunConfig, on_cuda: bool) -> tuple[StepTrace, list[str]]:
             lambda: torch.randint(0, vocab, (batch, seq_len)),
             block_bytes=cuda_block_bytes if on_cuda else exact_bytes,
             host_step_counters=on_cuda,
+            loss_upcast=loss_upcast,
         )
     return trace, notes + optimizer_notes
 

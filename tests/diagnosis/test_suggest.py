@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diagnosis.analytic import estimate_analytic
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate
 from diagnosis.oom_text import parse_oom
 from diagnosis.suggest import CATEGORIES, Evidence, suggest
@@ -238,9 +239,21 @@ def test_a_current_bitsandbytes_or_an_unquantised_run_hears_nothing_of_upgrading
         assert not [s for s in suggest(evidence, estimate_analytic) if "bitsandbytes>=" in s.change]
 
 
-def test_a_recorded_runs_bitsandbytes_comes_from_its_environment():
+def test_a_recorded_runs_library_versions_come_from_its_environment():
     from diagnosis.suggest import evidence_for_run
 
-    environment = {"versions": {"torch": "2.3.1", "bitsandbytes": "0.42.0"}}
+    environment = {"versions": {"torch": "2.3.1", "bitsandbytes": "0.42.0", "transformers": "4.45.2"}}
     evidence = evidence_for_run(None, _qlora().to_dict(), environment)
     assert (evidence.torch_version, evidence.bitsandbytes_version) == ("2.3.1", "0.42.0")
+    assert evidence.transformers_version == "4.45.2"
+
+
+def test_every_what_if_is_estimated_with_the_transformers_that_ran():
+    calls = []
+
+    def estimator(cfg, *, device, **versions):
+        calls.append(versions)
+        return estimate_analytic(cfg, device=device, **versions)
+
+    suggest(Evidence(config=_qlora(), transformers_version="4.45.2"), estimator)
+    assert len(calls) > 1 and all(call.get("transformers") == "4.45.2" for call in calls)

@@ -408,10 +408,10 @@ def test_traces_from_two_threads_take_turns(monkeypatch):
     spans = []
     real = traced_module._trace_fake
 
-    def slow_trace(cfg, on_cuda):
+    def slow_trace(cfg, on_cuda, libraries):
         started = time.monotonic()
         time.sleep(0.3)
-        result = real(cfg, on_cuda)
+        result = real(cfg, on_cuda, libraries)
         spans.append((started, time.monotonic()))
         return result
 
