@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.libraries import (
+    LOSS_UPCAST_SINCE,
     SRC_BNB_1270,
     SRC_TRANSFORMERS_LOSS_DTYPE,
     SRC_TRANSFORMERS_REENTRANT,
@@ -719,6 +720,21 @@ def _source(run: _Run, source: str) -> str:
     return f"{source}; {SRC_CUDA_BLOCKS}" if run.device == "cuda" else source
 
 
+def _buffer_term(run: _Run) -> Term | None:
+    """Buffers big enough to count: GPTBigCode keeps a max_positions² bool causal-mask table on the
+    device (64 MiB for StarCoder's 8,192 positions); every rank keeps it whole. Rotary inv_freq
+    tables are a few hundred bytes and left out."""
+    s = run.shape
+    if s.model_type != "gpt_bigcode":
+        return None
+    return Term(
+        "buffers: causal-mask table",
+        run.block(s.max_positions * s.max_positions),
+        f"{s.max_positions:,}² × 1 B (bool)",
+        "transformers modeling_gpt_bigcode.GPTBigCodeModel: self.bias = tril(ones(n_positions, n_positions, bool))",
+    )
+
+
 def _parameter_terms(run: _Run) -> list[Term]:
     s, size = run.shape, ITEMSIZE[run.param_dtype]
     total = s.parameter_count()
@@ -1185,8 +1201,32 @@ def estimate_analytic(
     shape = shape or shape_for(cfg.model.name)
     libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers)
     estimate = _estimate(cfg, device, shape, libraries)
-    note = _bitsandbytes_note(cfg, device, shape, libraries, estimate)
-    return dataclasses.replace(estimate, notes=(*estimate.notes, note)) if note else estimate
+    notes = [
+        note
+        for note in (
+            _bitsandbytes_note(cfg, device, shape, libraries, estimate),
+            _loss_dtype_note(cfg, device, shape, libraries, estimate),
+        )
+        if note
+    ]
+    return dataclasses.replace(estimate, notes=(*estimate.notes, *notes)) if notes else estimate
+
+
+def _loss_dtype_note(
+    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
+) -> str | None:
+    """What moving to today's fp32 loss would add, for a run whose transformers still computes the
+    loss in the logits' dtype: an upgrade that costs memory is worth knowing before it happens."""
+    if libraries.loss_upcasts_logits(shape.model_type) or cfg.model.dtype == "fp32":
+        return None
+    today = _estimate(cfg, device, shape, dataclasses.replace(libraries, transformers=None))
+    more = today.peak_allocated_bytes - estimate.peak_allocated_bytes
+    since = ".".join(map(str, LOSS_UPCAST_SINCE[shape.model_type]))
+    effect = f"+{human_bytes(more)} on this peak" if more > 0 else "not at this peak"
+    return (
+        f"loss on {cfg.model.dtype} logits, as transformers {libraries.transformers} computes it for "
+        f"{shape.model_type}; from {since} the shared loss upcasts them to fp32: {effect}"
+    )
 
 
 def _bitsandbytes_note(
@@ -1241,8 +1281,9 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
         "optimizer_transient": opt_temp.bytes,
     }
     sharded, shard_terms = shard_components(unsharded, cfg)
+    buffers = _buffer_term(run)
     persistent = _Persistent(
-        parameters=sharded["parameters"],
+        parameters=sharded["parameters"] + (buffers.bytes if buffers else 0),
         gradients=sharded["gradients"],
         optimizer_states=sharded["optimizer_states"],
         optimizer_transient=sharded["optimizer_transient"],
@@ -1255,6 +1296,7 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
     runtime = CUDA_CONTEXT_BYTES if run.device == "cuda" else 0
     terms = [
         *parameter_terms,
+        *([buffers] if buffers else []),
         grad,
         states,
         opt_temp,
@@ -1287,7 +1329,8 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
         allocator_overhead_bytes=reserve,
         runtime_overhead_bytes=runtime,
         totals={
-            "parameters": persistent.parameters,
+            "parameters": persistent.parameters - (buffers.bytes if buffers else 0),
+            "buffers": buffers.bytes if buffers else 0,
             "gradients": persistent.gradients,
             "optimizer_states": persistent.optimizer_states,
             "activations": activations,

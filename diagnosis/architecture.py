@@ -178,10 +178,12 @@ class ModelShape:
 
 
 # Module names per family: what `lora.target_modules` refers to.
+_GPT2_NAMES = dict(qkv="c_attn", o="c_proj", up="c_fc", down="c_proj")
 _LLAMA_NAMES = dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj", gate="gate_proj", up="up_proj", down="down_proj")
 _LINEAR_NAMES: dict[str, dict[str, str]] = {
     "llama": _LLAMA_NAMES,
-    "gpt2": dict(qkv="c_attn", o="c_proj", up="c_fc", down="c_proj"),
+    "gpt2": _GPT2_NAMES,
+    "gpt_bigcode": _GPT2_NAMES,
     "phi": dict(q="q_proj", k="k_proj", v="v_proj", o="dense", up="fc1", down="fc2"),
     "phi3": dict(qkv="qkv_proj", o="o_proj", gate_up="gate_up_proj", down="down_proj"),
 }
@@ -196,6 +198,24 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "max_position_embeddings": ("max_position_embeddings", "n_positions", "n_ctx"),
     "hidden_act": ("hidden_activation", "hidden_act", "activation_function"),
 }
+
+# GPT-2: learned positions, Conv1D projections with biases, dropout 0.1 everywhere by default.
+_GPT2: dict[str, Any] = dict(
+    tie_word_embeddings=True,
+    hidden_act="gelu_new",
+    max_position_embeddings=1024,
+    norm="layernorm",
+    mlp="gelu",
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    fused_qkv=True,
+    learned_positions=True,
+    rotary=False,
+    resid_pdrop=0.1,
+    embd_pdrop=0.1,
+    attn_pdrop=0.1,
+)
 
 # Defaults of the transformers 5.x config classes for keys a config.json may leave out, and the
 # structure each family's modeling file hard-codes (biases, norm kind, fused projections).
@@ -276,24 +296,13 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         embd_pdrop=0.0,
         rotary_by_concat=True,
     ),
-    # GPT-2: learned positions, Conv1D projections with biases, dropout 0.1 everywhere by default.
-    "gpt2": dict(
-        tie_word_embeddings=True,
-        hidden_act="gelu_new",
-        max_position_embeddings=1024,
-        norm="layernorm",
-        mlp="gelu",
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        fused_qkv=True,
-        learned_positions=True,
-        rotary=False,
-        resid_pdrop=0.1,
-        embd_pdrop=0.1,
-        attn_pdrop=0.1,
-    ),
+    "gpt2": _GPT2,
+    # GPTBigCode (SantaCoder, StarCoder): GPT-2's block with nn.Linear projections, one shared
+    # key/value head (multi_query, the default) and the tanh GELU as one op.
+    "gpt_bigcode": {**_GPT2, "hidden_act": "gelu_pytorch_tanh", "multi_query": True},
 }
+# Families whose MLP width may be left out of config.json (n_inner: None means 4 × hidden).
+_MLP_WIDTH_OPTIONAL = ("gpt2", "gpt_bigcode")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -332,7 +341,7 @@ def shape_from_config_dict(raw: dict[str, Any]) -> ModelShape:
             f"({', '.join(sorted(_FAMILIES))}); use the traced estimator (python -m diagnosis estimate --traced)"
         )
     family = _FAMILIES[model_type]
-    needed = _REQUIRED + (("intermediate_size",) if model_type != "gpt2" else ())
+    needed = _REQUIRED + (("intermediate_size",) if model_type not in _MLP_WIDTH_OPTIONAL else ())
     missing = [key for key in needed if _lookup(raw, key) is None]
     if missing:
         spelled = ", ".join("/".join(_ALIASES.get(key, (key,))) for key in missing)
@@ -354,7 +363,7 @@ def shape_from_config_dict(raw: dict[str, Any]) -> ModelShape:
         intermediate_size=int(intermediate) if intermediate is not None else 4 * hidden,
         num_layers=int(get("num_hidden_layers")),
         num_heads=heads,
-        num_kv_heads=int(get("num_key_value_heads") or heads),
+        num_kv_heads=1 if get("multi_query") else int(get("num_key_value_heads") or heads),
         head_dim=head_dim,
         max_positions=int(get("max_position_embeddings")),
         mlp=family["mlp"],

@@ -158,6 +158,7 @@ def _measure(cfg: RunConfig):
     """Two steps of the runner; the second (optimizer states exist) under the peak tracker."""
     import torch
 
+    from collector.tensors import unique_storage_bytes
     from trainer.loop import make_monitor, setup, train
 
     training = setup(cfg, torch.device("cpu"))
@@ -175,7 +176,9 @@ def _measure(cfg: RunConfig):
         train(training, monitor, first_step=2)
     monitor.close()
     tensors = samples[-1].tensors
-    return tensors, tensors.parameter_bytes + tensors.optimizer_state_bytes + mode.peak
+    # Buffers (GPTBigCode's causal-mask table) are device memory the runner does not call parameters.
+    buffers = unique_storage_bytes(training.built.model.buffers())
+    return tensors, tensors.parameter_bytes + tensors.optimizer_state_bytes + buffers + mode.peak
 
 
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")  # peft on GPT-2's Conv1D
@@ -218,6 +221,16 @@ FAMILIES = {
     "mistral-full-eager-ckpt": (
         {"model_type": "mistral", "num_key_value_heads": 2},
         ["lora=null", "model.attn_implementation=eager", "model.gradient_checkpointing=true"],
+    ),
+    # GPTBigCodeConfig reads n_inner, not intermediate_size: both given so that the two agree.
+    "gpt_bigcode-full-sdpa": ({"model_type": "gpt_bigcode", "n_inner": 160}, ["lora=null"]),
+    "gpt_bigcode-lora-eager-bf16": (
+        {"model_type": "gpt_bigcode", "n_inner": 160},
+        ["lora.target_modules=[c_attn,c_proj]", "model.attn_implementation=eager", "model.dtype=bf16"],
+    ),
+    "gpt_bigcode-mha-full-ckpt-amp": (
+        {"model_type": "gpt_bigcode", "n_inner": 160, "multi_query": False},
+        ["lora=null", "model.gradient_checkpointing=true", "train.mixed_precision=bf16"],
     ),
 }
 

@@ -111,7 +111,7 @@ def test_an_unknown_model_type_is_refused_not_guessed():
         "num_hidden_layers": 16,
         "num_attention_heads": 32,
     }
-    with pytest.raises(ArchitectureError, match=r"'gpt_neox' is not one .* \(gemma, gemma2, gpt2, llama.*--traced"):
+    with pytest.raises(ArchitectureError, match=r"'gpt_neox' is not one .* \(gemma, .*gpt_bigcode, llama.*--traced"):
         shape_from_config_dict(neox)
     with pytest.raises(ArchitectureError, match="'\\(missing\\)'"):
         shape_from_config_dict({"vocab_size": 10})
@@ -129,3 +129,22 @@ def test_shape_for_refuses_what_it_cannot_read(tmp_path: Path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ArchitectureError, match="does not hold a JSON object"):
         shape_for(str(tmp_path))
+
+
+def test_gpt_bigcode_shares_one_key_value_head_unless_told_otherwise():
+    santacoder = {
+        "model_type": "gpt_bigcode",
+        "vocab_size": 49280,
+        "n_embd": 2048,
+        "n_inner": 8192,
+        "n_layer": 24,
+        "n_head": 16,
+        "n_positions": 2048,
+    }
+    shape = shape_from_config_dict(santacoder)
+    assert (shape.num_kv_heads, shape.head_dim, shape.intermediate_size) == (1, 128, 8192)
+    (c_attn, *_rest) = shape.linear_layers()
+    assert (c_attn.name, c_attn.d_out) == ("c_attn", 2048 + 2 * 128)  # q for 16 heads, one k and one v
+    # SantaCoder's published size: 1.1 B parameters.
+    assert shape.parameter_count() == pytest.approx(1.12e9, rel=0.01)
+    assert shape_from_config_dict({**santacoder, "multi_query": False}).num_kv_heads == 16

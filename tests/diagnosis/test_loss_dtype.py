@@ -55,6 +55,7 @@ def test_both_estimators_follow_the_loss_dtype_of_the_transformers_named(old_gpt
     assert analytic.peak_allocated_bytes == pytest.approx(measured_peak, rel=PEAK_TOLERANCE)
     assert traced.peak_allocated_bytes == pytest.approx(measured_peak, rel=0.02)
     assert any("shifted logits copy" == term.name for term in analytic.terms)
+    assert any("from 4.49.0 the shared loss upcasts them to fp32: +" in note for note in analytic.notes)
     assert any("no fp32 upcast" in note for note in traced.notes)
     # Today's loss would have been a wrong estimate of that run: the version is what tells them apart.
     current = estimate_analytic(cfg, device="cpu", transformers=SHARED_LOSS)
