@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.libraries import (
-    LOSS_UPCAST_SINCE,
     SRC_BNB_1270,
-    SRC_TRANSFORMERS_LOSS_DTYPE,
+    SRC_GPT_BIGCODE_CACHE,
+    SRC_TRANSFORMERS_OLD_LOSS,
     SRC_TRANSFORMERS_REENTRANT,
     Libraries,
+    LossLayout,
 )
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
@@ -131,9 +132,8 @@ class _Run:
     accum: int
     # bitsandbytes < 0.43.2: every 4-bit matmul keeps its input on its autograd ctx (SRC_BNB_1270).
     bnb_keeps_input: bool = False
-    # The loss runs on fp32 logits (ForCausalLMLoss); False: on the logits' own dtype, as some
-    # models did before the shared loss (SRC_TRANSFORMERS_LOSS_DTYPE).
-    loss_upcast: bool = True
+    # How the transformers that runs the step computes the loss (SRC_TRANSFORMERS_OLD_LOSS).
+    loss: LossLayout = LossLayout()
 
     @property
     def tokens(self) -> int:
@@ -196,7 +196,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
         weight_decay=cfg.train.weight_decay,
         accum=cfg.train.grad_accum_steps,
         bnb_keeps_input=cfg.model.quantization == "nf4" and libraries.bnb_keeps_matmul_input,
-        loss_upcast=libraries.loss_upcasts_logits(shape.model_type),
+        loss=libraries.loss_layout(shape.model_type),
     )
 
 
@@ -567,10 +567,18 @@ class _Activations:
     loss_saved: int  # log-softmax output and the shifted labels
     hidden: int  # of the saved bytes, those saved-tensor hooks do not see
     logits: int  # lm_head output, alive until forward returns
-    # What the loss reads beside the logits: logits.float() in ForCausalLMLoss when they are 16-bit,
-    # or, before the shared loss, a shifted contiguous copy in their own dtype (SRC_TRANSFORMERS_LOSS_DTYPE).
-    loss_input: int
+    # What the loss reads beside the logits: logits.float() when they are 16-bit, and before
+    # transformers 4.49 a shifted contiguous copy in the loss's dtype (SRC_TRANSFORMERS_OLD_LOSS).
+    loss_upcast: int
+    loss_shifted: int
+    loss_head: int  # the head output still alive during the loss (freed by `logits = logits.float()`)
     loss_cells: int  # one b·s·V tensor in the loss's dtype: the log-softmax output and each of its gradients
+
+    @property
+    def at_loss(self) -> int:
+        """Alive while cross-entropy runs, beside what it keeps."""
+        return self.loss_head + self.loss_upcast + self.loss_shifted
+
     layer_full: int  # one layer's own saved bytes (what checkpointing recomputes)
     by_tag: dict[str, int]  # one typical layer's bytes on the main trace, by part
     layer_tags: dict[str, int]  # one typical layer's own saved bytes by part, checkpointed or not
@@ -642,12 +650,15 @@ def _walk(run: _Run) -> _Activations:
             soft = tr.new(logits.numel, logits.dtype, True)
             tr.save(soft)
     head = tr.total - before
-    if run.loss_upcast:
-        rows, loss_dtype = run.tokens, "fp32"
-        labels = (run.seq + 1) * 8 if run.batch == 1 else run.tokens * 8  # pad(labels)[..., 1:].contiguous()
-    else:  # shift_logits = logits[..., :-1, :].contiguous(); labels[..., 1:].contiguous()
-        rows, loss_dtype = run.batch * (run.seq - 1), logits.dtype
+    layout = run.loss
+    loss_dtype = "fp32" if layout.upcast else logits.dtype
+    upcast = run.block(run.tokens * s.vocab_size * 4) if loss_dtype != logits.dtype else 0
+    if layout.shifted_copy:  # shift_logits = logits[..., :-1, :].contiguous(); labels[..., 1:].contiguous()
+        rows = run.batch * (run.seq - 1)
         labels = 0 if run.batch == 1 else rows * 8
+    else:
+        rows = run.tokens
+        labels = (run.seq + 1) * 8 if run.batch == 1 else run.tokens * 8  # pad(labels)[..., 1:].contiguous()
     loss_cells = run.block(rows * s.vocab_size * ITEMSIZE[loss_dtype])
     return _Activations(
         embedding=embedding,
@@ -658,7 +669,9 @@ def _walk(run: _Run) -> _Activations:
         loss_saved=loss_cells + run.block(labels) + run.block(4),  # log_softmax output, target, total_weight
         hidden=tr.hidden + later_hidden,
         logits=logits.storage,
-        loss_input=0 if run.loss_upcast and logits.dtype == "fp32" else loss_cells,
+        loss_upcast=upcast,
+        loss_shifted=loss_cells if layout.shifted_copy else 0,
+        loss_head=logits.storage if layout.keeps_head_output or not upcast else 0,
         loss_cells=loss_cells,
         layer_full=_own_bytes(layer, layer_input),
         by_tag=tags,
@@ -977,11 +990,14 @@ def _grad_fractions(run: _Run) -> tuple[float, float]:
     return s.layer_parameters() / total, embeddings / total
 
 
-def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int) -> list[_Moment]:
+def _moments(
+    run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int, kept_cache: int = 0
+) -> list[_Moment]:
     """The candidate peaks of a steady-state step (optimizer states already exist).
 
     `kept_gradients`: input gradients FSDP keeps to the end of backward (_fsdp_kept_input_gradients),
-    which also keeps every checkpointed input alive through layer 0's backward."""
+    which also keeps every checkpointed input alive through layer 0's backward. `kept_cache`: every
+    layer's key/value cache, alive until the forward returns (_kept_training_cache)."""
     s = run.shape
     activations = acts.total(s.num_layers)
     # Later micro-batches of an accumulation run forward and backward on top of the gradients.
@@ -990,7 +1006,7 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered,
     forward_t, backward_t = _layer_transients(run, acts)
     head_grad = run.block(s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype]) if run.full_ft else 0
     common = dict(parameters=st.parameters, optimizer_states=states)
-    loss_forward = acts.loss_saved + acts.logits + acts.loss_input
+    loss_forward = acts.loss_saved + acts.at_loss
     # nll_loss's gradient and log_softmax's input gradient, both b·s·V in the loss's dtype, beside the saved output.
     loss_backward = acts.loss_saved + 2 * acts.loss_cells
     last_layer_rest = 0 if run.checkpointing else acts.layer_tags.get("mlp", 0)
@@ -1011,7 +1027,7 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered,
             "forward",
             **common,
             gradients=held,
-            activations=activations,
+            activations=activations + kept_cache,
             logits_loss=loss_forward,
             transient=gathered.forward,
         ),
@@ -1020,7 +1036,7 @@ def _moments(run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered,
             "forward",
             **common,
             gradients=held,
-            activations=activations - last_layer_rest - acts.head,
+            activations=activations - last_layer_rest - acts.head + kept_cache * (s.num_layers - 1) // s.num_layers,
             transient=forward_t + gathered.forward,
         ),
         _moment(
@@ -1101,17 +1117,19 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
 
 
 def _logit_terms(run: _Run, acts: _Activations) -> list[Term]:
-    cells = run.tokens * run.shape.vocab_size
-    logits = f"b·s·V = {cells:,} × {ITEMSIZE[run.compute_dtype]} B"
-    if run.loss_upcast:
-        loss = f"{cells:,} × 4 B"
-        source, read = SRC_HF_LOSS, ("logits fp32 upcast", f"{loss} when logits are 16-bit")
-    else:
-        shifted = f"{run.batch * (run.seq - 1) * run.shape.vocab_size:,} × {ITEMSIZE[run.compute_dtype]} B"
-        source, read, loss = SRC_TRANSFORMERS_LOSS_DTYPE, ("shifted logits copy", f"b·(s−1)·V = {shifted}"), shifted
+    layout, cells = run.loss, run.tokens * run.shape.vocab_size
+    rows = run.batch * (run.seq - 1) if layout.shifted_copy else run.tokens
+    item = 4 if layout.upcast else ITEMSIZE[run.compute_dtype]
+    source = SRC_HF_LOSS if layout.is_current else SRC_TRANSFORMERS_OLD_LOSS
+    loss = f"{rows * run.shape.vocab_size:,} × {item} B"
+    head = f"b·s·V = {cells:,} × {ITEMSIZE[run.compute_dtype]} B"
+    terms = [Term("logits", acts.logits, head + ("" if acts.loss_head else ", freed by logits.float()"), source)]
+    if acts.loss_upcast:
+        terms.append(Term("logits fp32 upcast", acts.loss_upcast, f"{cells:,} × 4 B", source))
+    if acts.loss_shifted:
+        terms.append(Term("shifted logits copy", acts.loss_shifted, f"b·(s−1)·V = {loss}", source))
     return [
-        Term("logits", acts.logits, logits, source),
-        Term(read[0], acts.loss_input, read[1], source),
+        *terms,
         Term("log-softmax kept for backward", acts.loss_saved, f"{loss} + labels", source),
         Term("loss gradient over the vocabulary", 2 * acts.loss_cells, f"2 × {loss} at backward start", source),
     ]
@@ -1215,17 +1233,18 @@ def estimate_analytic(
 def _loss_dtype_note(
     cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
 ) -> str | None:
-    """What moving to today's fp32 loss would add, for a run whose transformers still computes the
-    loss in the logits' dtype: an upgrade that costs memory is worth knowing before it happens."""
-    if libraries.loss_upcasts_logits(shape.model_type) or cfg.model.dtype == "fp32":
+    """What today's loss would change, for a run whose transformers computes it the old way: an
+    upgrade that moves the peak is worth knowing before it happens."""
+    layout = libraries.loss_layout(shape.model_type)
+    if layout.is_current:
         return None
     today = _estimate(cfg, device, shape, dataclasses.replace(libraries, transformers=None))
-    more = today.peak_allocated_bytes - estimate.peak_allocated_bytes
-    since = ".".join(map(str, LOSS_UPCAST_SINCE[shape.model_type]))
-    effect = f"+{human_bytes(more)} on this peak" if more > 0 else "not at this peak"
+    change = today.peak_allocated_bytes - estimate.peak_allocated_bytes
+    how = "on fp32 logits" if layout.upcast else "in the logits' own dtype"
+    effect = f"{'+' if change > 0 else '−'}{human_bytes(abs(change))} on this peak" if change else "not at this peak"
     return (
-        f"loss on {cfg.model.dtype} logits, as transformers {libraries.transformers} computes it for "
-        f"{shape.model_type}; from {since} the shared loss upcasts them to fp32: {effect}"
+        f"loss computed {how} over a shifted copy, as transformers {libraries.transformers} does for "
+        f"{shape.model_type}; today's loss (4.49 on: fp32, no copy): {effect}"
     )
 
 
@@ -1263,6 +1282,16 @@ def fsdp_keeps_input_gradients(cfg: RunConfig, reentrant: bool) -> bool:
     return bool(fsdp_strategy(cfg)) and cfg.lora is not None and cfg.model.gradient_checkpointing and reentrant
 
 
+def _kept_training_cache(run: _Run, libraries: Libraries) -> int:
+    """GPTBigCode before transformers 4.53 keeps `present`, a view of each layer's c_attn output, under
+    checkpointing too (SRC_GPT_BIGCODE_CACHE): the whole output stays alive until the forward returns."""
+    s = run.shape
+    if not libraries.keeps_training_cache(s.model_type, run.checkpointing):
+        return 0
+    qkv = _linears(s)["qkv"]
+    return s.num_layers * run.block(run.tokens * qkv.d_out * ITEMSIZE[run.compute_dtype])
+
+
 def _fsdp_kept_input_gradients(run: _Run, cfg: RunConfig, acts: _Activations, reentrant: bool) -> int:
     if not fsdp_keeps_input_gradients(cfg, reentrant):
         return 0
@@ -1291,7 +1320,8 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
     )
     gathered = gathered_parameter_bytes(shape, cfg)
     kept_gradients = _fsdp_kept_input_gradients(run, cfg, acts, libraries.checkpoints_reentrantly)
-    moments = _moments(run, acts, persistent, gathered, kept_gradients)
+    kept_cache = _kept_training_cache(run, libraries)
+    moments = _moments(run, acts, persistent, gathered, kept_gradients, kept_cache)
     peak = max(moments, key=lambda moment: moment.total)
     runtime = CUDA_CONTEXT_BYTES if run.device == "cuda" else 0
     terms = [
@@ -1306,6 +1336,15 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
     ]
     if gathered:
         terms.append(gathered.term())
+    if kept_cache:
+        terms.append(
+            Term(
+                "activations: key/value cache kept through the forward",
+                kept_cache,
+                f"{run.shape.num_layers} layers × b·s·(q + k + v) of c_attn's output, to the end of the forward",
+                SRC_GPT_BIGCODE_CACHE,
+            )
+        )
     if kept_gradients:
         terms.append(
             Term(
@@ -1334,7 +1373,7 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
             "gradients": persistent.gradients,
             "optimizer_states": persistent.optimizer_states,
             "activations": activations,
-            "logits_loss": acts.loss_saved + max(acts.logits + acts.loss_input, 2 * acts.loss_cells),
+            "logits_loss": acts.loss_saved + max(acts.at_loss, 2 * acts.loss_cells),
             # What the runner's ActivationCounter measures: the storages saved-tensor hooks see.
             "saved_for_backward": acts.hooks_see(shape.num_layers),
             "optimizer_transient": persistent.optimizer_transient,

@@ -31,23 +31,63 @@ SRC_TRANSFORMERS_REENTRANT = (
     "transformers#43203 switched it to False, first released in 5.0.0 (4.57.6 still True)"
 )
 
-# Models that computed their loss on the logits as the LM head made them (16-bit under bf16
-# weights: a shifted contiguous copy, log-softmax and its gradients all 16-bit) until they moved to
-# the shared ForCausalLMLoss, which upcasts to fp32; the first release that upcasts, read in the
-# 4.45.2, 4.46.0, 4.46.3, 4.47.0, 4.48.0 and 4.49.0 wheels' modeling files. Llama, Mistral, Qwen2,
-# Gemma, Phi and the rest upcast in every release since 4.45 (`logits = logits.float()` in forward).
-LOSS_UPCAST_SINCE = {
-    "gpt2": (4, 49, 0),
-    "gpt_bigcode": (4, 49, 0),
-    "gpt_neox": (4, 49, 0),
-    "opt": (4, 49, 0),
-    "bloom": (4, 49, 0),
-    "falcon": (4, 49, 0),
-    "stablelm": (4, 46, 0),
+# How a causal LM's loss treats the logits, by transformers release; read in the 4.45.2, 4.46.0,
+# 4.46.3, 4.47.0, 4.48.0 and 4.49.0 wheels (each <Model>ForCausalLM.forward and loss_utils.py).
+# - From 4.49 every model calls the shared ForCausalLMLoss, which upcasts the logits to fp32 and
+#   pads the labels instead of copying the logits shifted.
+# - Before 4.49 the shared loss (where a model used it) made `logits[..., :-1, :].contiguous()` of
+#   the fp32 logits, beside the caller's 16-bit ones.
+# - Before a model moved to the shared loss, its own forward made the same shifted copy. The
+#   upcasting families ran `logits = logits.float()` there, which frees the 16-bit head output; the
+#   others (GPT-2 and kin) ran cross-entropy on the 16-bit copy.
+SHARED_LOSS_PADS_LABELS = (4, 49, 0)
+# model_type → (first release whose forward calls the shared loss, whether its own loss upcast)
+LOSS_HISTORY: dict[str, tuple[tuple[int, ...], bool]] = {
+    "llama": ((4, 46, 0), True),
+    "qwen2": ((4, 46, 0), True),
+    "gemma": ((4, 46, 0), True),
+    "gemma2": ((4, 46, 0), True),
+    "phi": ((4, 46, 0), True),
+    "phi3": ((4, 46, 0), True),
+    "mixtral": ((4, 46, 0), True),
+    "starcoder2": ((4, 47, 0), True),
+    "mistral": ((4, 48, 0), True),
+    "gpt2": ((4, 49, 0), False),
+    "gpt_bigcode": ((4, 49, 0), False),
+    "gpt_neox": ((4, 49, 0), False),
+    "opt": ((4, 49, 0), False),
+    "bloom": ((4, 49, 0), False),
+    "falcon": ((4, 49, 0), False),
+    "stablelm": ((4, 49, 0), False),
 }
-SRC_TRANSFORMERS_LOSS_DTYPE = (
-    "transformers modeling_<model>.py before the shared loss_function (4.49.0; StableLM 4.46.0): "
-    "shift_logits = lm_logits[..., :-1, :].contiguous(); CrossEntropyLoss() on it, no .float()"
+SRC_TRANSFORMERS_OLD_LOSS = (
+    "transformers before 4.49: shift_logits = logits[..., :-1, :].contiguous() in the shared ForCausalLMLoss "
+    "(after logits.float()) or in the model's own forward (GPT-2, GPTBigCode, GPT-NeoX, OPT, BLOOM, Falcon, "
+    "StableLM: no .float(); Llama-family forwards: logits = logits.float() first)"
+)
+
+
+@dataclass(frozen=True)
+class LossLayout:
+    """What the loss keeps beside the log-softmax, by the transformers that computes it."""
+
+    upcast: bool = True  # cross-entropy on fp32 logits (else in the logits' own dtype)
+    shifted_copy: bool = False  # logits[..., :-1, :].contiguous() in the loss's dtype
+    keeps_head_output: bool = True  # the 16-bit lm_head output stays alive beside the upcast
+
+    @property
+    def is_current(self) -> bool:
+        return self == LossLayout()
+
+
+# Every family read in 4.45.2 turns use_cache off when gradient checkpointing trains, except
+# GPTBigCode until 4.53 (read in the 4.45.2 to 4.53.0 wheels): its config defaults use_cache to True,
+# so each layer's `present = key_value`, a view of that layer's c_attn output, stays alive until the
+# forward returns, through the loss.
+GPT_BIGCODE_CACHE_OFF_UNDER_CHECKPOINTING = (4, 53, 0)
+SRC_GPT_BIGCODE_CACHE = (
+    "transformers modeling_gpt_bigcode.py before 4.53.0: presents.append(outputs[1]) with use_cache from "
+    "config.use_cache (True) under gradient checkpointing; 4.53.0 sets use_cache = False there"
 )
 
 # A version that names today's release, for a reader that must not fall back on this machine's.
@@ -83,12 +123,27 @@ def checkpoints_reentrantly(transformers: str | None) -> bool:
     return parsed is not None and parsed < TRANSFORMERS_NON_REENTRANT_SINCE
 
 
-def loss_upcasts_logits(model_type: str, transformers: str | None) -> bool:
-    """Whether this transformers computes `model_type`'s loss on fp32 logits; an unknown version is
-    taken as current, where every model does."""
-    since = LOSS_UPCAST_SINCE.get(model_type)
+def loss_layout(model_type: str, transformers: str | None) -> LossLayout:
+    """How this transformers computes `model_type`'s loss; an unknown version is taken as current.
+    An unknown model before 4.49 is given the shared loss's layout, the larger of the old ones."""
     parsed = parse_version(transformers)
-    return since is None or parsed is None or parsed >= since
+    if parsed is None or parsed >= SHARED_LOSS_PADS_LABELS:
+        return LossLayout()
+    shared_since, own_upcast = LOSS_HISTORY.get(model_type, ((0,), True))
+    if parsed >= shared_since:
+        return LossLayout(upcast=True, shifted_copy=True, keeps_head_output=True)
+    return LossLayout(upcast=own_upcast, shifted_copy=True, keeps_head_output=not own_upcast)
+
+
+def keeps_training_cache(model_type: str, transformers: str | None, checkpointing: bool) -> bool:
+    """Whether this transformers keeps every layer's key/value cache through a checkpointed training forward."""
+    parsed = parse_version(transformers)
+    return (
+        model_type == "gpt_bigcode"
+        and checkpointing
+        and parsed is not None
+        and parsed < GPT_BIGCODE_CACHE_OFF_UNDER_CHECKPOINTING
+    )
 
 
 def version_that_runs(package: str, named: str | None) -> str | None:
@@ -117,5 +172,8 @@ class Libraries:
     def checkpoints_reentrantly(self) -> bool:
         return checkpoints_reentrantly(self.transformers)
 
-    def loss_upcasts_logits(self, model_type: str) -> bool:
-        return loss_upcasts_logits(model_type, self.transformers)
+    def loss_layout(self, model_type: str) -> LossLayout:
+        return loss_layout(model_type, self.transformers)
+
+    def keeps_training_cache(self, model_type: str, checkpointing: bool) -> bool:
+        return keeps_training_cache(model_type, self.transformers, checkpointing)

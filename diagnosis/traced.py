@@ -49,7 +49,7 @@ from diagnosis.analytic import (
     fsdp_keeps_input_gradients,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
-from diagnosis.libraries import Libraries
+from diagnosis.libraries import Libraries, LossLayout
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from trainer.config import RunConfig
@@ -487,12 +487,41 @@ def _autocast(cfg: RunConfig) -> torch.autocast:
 MICRO_BATCHES_TRACED = 2
 
 
-def loss_in_logits_dtype(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The causal-LM loss of the models that, before transformers' shared ForCausalLMLoss, kept it in
-    the logits' dtype (SRC_TRANSFORMERS_LOSS_DTYPE): a shifted contiguous copy, no fp32 upcast."""
-    shift_logits = logits[..., :-1, :].contiguous()
+def loss_as_it_ran(head_output: list[torch.Tensor], labels: torch.Tensor, layout: LossLayout) -> torch.Tensor:
+    """The causal-LM loss as a transformers before 4.49 computed it (SRC_TRANSFORMERS_OLD_LOSS).
+
+    `head_output` is a one-item list that is emptied here: a forward that rebound `logits` to their
+    fp32 copy (`keeps_head_output` False) dropped the last reference to the 16-bit ones, and so
+    must this function."""
+    logits = head_output.pop()
+    read = logits.float() if layout.upcast else logits
+    if not layout.keeps_head_output:
+        logits = read
+    shift_logits = read[..., :-1, :].contiguous()
     shift_labels = labels[..., 1:].contiguous()
     return torch.nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+
+
+@contextmanager
+def _training_cache_kept(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """GPTBigCode before transformers 4.53 (SRC_GPT_BIGCODE_CACHE): each layer's `present` pins its
+    c_attn output until the forward returns. Today's model keeps no cache in training, so the trace
+    holds those outputs for it, from each c_attn's forward to the end of the loss."""
+    if not enabled:
+        yield
+        return
+    kept: list[object] = []
+    handles = [
+        module.register_forward_hook(lambda _module, _args, output: kept.append(output))
+        for name, module in model.named_modules()
+        if name.endswith("attn.c_attn")
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        kept.clear()
 
 
 def _one_step(
@@ -502,12 +531,14 @@ def _one_step(
     cfg: RunConfig,
     observer: _Observer,
     input_ids: Callable[[], torch.Tensor],
-    loss_upcast: bool = True,
+    loss: LossLayout = LossLayout(),
+    keep_cache: bool = False,
 ) -> None:
     """`trainer.loop.train`'s step, statement for statement, with the tracer told the phase.
 
-    `loss_upcast` False: the loss as transformers computed it before the shared loss function for
-    models that kept the logits' dtype, so that an older transformers' step can be traced."""
+    `loss` and `keep_cache`: how the transformers that runs the step computes the loss and whether
+    it keeps a key/value cache in training, where it is not as today's (loss_as_it_ran,
+    _training_cache_kept), so that an older transformers' step can be traced."""
     tracer, accum = observer.tracer, cfg.train.grad_accum_steps
     step_loss = None
     # From the second micro-batch on, every micro-batch meets the same memory (gradients already
@@ -516,15 +547,15 @@ def _one_step(
     for _ in range(min(accum, MICRO_BATCHES_TRACED)):
         tracer.phase = "forward"
         ids = input_ids()
-        with _autocast(cfg), observer.forward():
-            if loss_upcast:
-                loss = model(input_ids=ids, labels=ids).loss / accum
+        with _autocast(cfg), observer.forward(), _training_cache_kept(model, keep_cache):
+            if loss.is_current:
+                micro_loss = model(input_ids=ids, labels=ids).loss / accum
             else:
-                loss = loss_in_logits_dtype(model(input_ids=ids).logits, ids) / accum
+                micro_loss = loss_as_it_ran([model(input_ids=ids).logits], ids, loss) / accum
         tracer.phase = "backward"
-        scaler.scale(loss).backward()
+        scaler.scale(micro_loss).backward()
         tracer.in_logits = False  # the head's input needed no gradient: nothing else turned it off
-        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+        step_loss = micro_loss.detach() if step_loss is None else step_loss + micro_loss.detach()
     tracer.phase = "optimizer"
     scaler.step(optimizer)
     if isinstance(scaler, torch.amp.GradScaler):
@@ -548,7 +579,8 @@ def trace_steps(
     block_bytes: Callable[[int], int] = exact_bytes,
     scaler: _ScalerWithoutSync | torch.amp.GradScaler | None = None,
     host_step_counters: bool = False,
-    loss_upcast: bool = True,
+    loss: LossLayout = LossLayout(),
+    keep_cache: bool = False,
 ) -> StepTrace:
     """Run `STEPS_TRACED` training steps of `model` (fake or real tensors) and measure the last.
 
@@ -566,7 +598,7 @@ def trace_steps(
             if step == STEPS_TRACED - 1:
                 live.reset_peak()
                 observer.reset_peaks()
-            _one_step(model, optimizer, scaler, cfg, observer, input_ids, loss_upcast)
+            _one_step(model, optimizer, scaler, cfg, observer, input_ids, loss, keep_cache)
             for name, state in _optimizer_state_tensors(optimizer):
                 live.track(state, "optimizer_states")
                 if host_step_counters and name == "step" and state.dim() == 0:
@@ -750,11 +782,19 @@ def _trace_fake(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[St
     batch, seq_len = cfg.train.micro_batch_size, cfg.data.seq_len
     vocab = model.get_input_embeddings().num_embeddings
     model_type = model.config.model_type
-    loss_upcast = libraries.loss_upcasts_logits(model_type)
-    if not loss_upcast:
+    loss = libraries.loss_layout(model_type)
+    if not loss.is_current:
+        how = "fp32 logits" if loss.upcast else "the logits in their own dtype, no fp32 upcast"
         notes.append(
-            f"loss traced as transformers {libraries.transformers} computed it for {model_type}: cross-entropy over a "
-            "shifted copy of the logits in their own dtype, no fp32 upcast (the shared loss that upcasts came later)"
+            f"loss traced as transformers {libraries.transformers} computes it for {model_type}: cross-entropy over "
+            f"a shifted copy of {how}"
+            + ("" if loss.keeps_head_output or not loss.upcast else ", the 16-bit head output freed by logits.float()")
+        )
+    keep_cache = libraries.keeps_training_cache(model_type, cfg.model.gradient_checkpointing)
+    if keep_cache:
+        notes.append(
+            f"transformers {libraries.transformers} keeps {model_type}'s key/value cache under gradient checkpointing: "
+            "every layer's c_attn output held to the end of the forward, as that release does"
         )
     with fake_mode:
         optimizer, optimizer_notes = _optimizer(cfg, model, on_cuda)
@@ -765,7 +805,8 @@ def _trace_fake(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[St
             lambda: torch.randint(0, vocab, (batch, seq_len)),
             block_bytes=cuda_block_bytes if on_cuda else exact_bytes,
             host_step_counters=on_cuda,
-            loss_upcast=loss_upcast,
+            loss=loss,
+            keep_cache=keep_cache,
         )
     return trace, notes + optimizer_notes
 
