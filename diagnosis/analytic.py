@@ -1224,10 +1224,22 @@ def estimate_analytic(
         for note in (
             _bitsandbytes_note(cfg, device, shape, libraries, estimate),
             _loss_dtype_note(cfg, device, shape, libraries, estimate),
+            _training_cache_note(estimate, libraries, shape),
         )
         if note
     ]
     return dataclasses.replace(estimate, notes=(*estimate.notes, *notes)) if notes else estimate
+
+
+def _training_cache_note(estimate: MemoryEstimate, libraries: Libraries, shape: ModelShape) -> str | None:
+    kept = {term.name: term.bytes for term in estimate.terms}.get(KEPT_CACHE_TERM)
+    if not kept:
+        return None
+    return (
+        f"transformers {libraries.transformers} keeps {shape.model_type}'s key/value cache through checkpointed "
+        f"training ({human_bytes(kept)} to the end of the forward): model.config.use_cache = False before training, "
+        "or transformers >= 4.53, drops it"
+    )
 
 
 def _loss_dtype_note(
@@ -1280,6 +1292,9 @@ def fsdp_keeps_input_gradients(cfg: RunConfig, reentrant: bool) -> bool:
     gradient the checkpoint stores in its .grad, until backward ends. At layer 0's backward every
     other layer's input gradient is alive (reproduced on the CPU, torch 2.4.1 and 2.13, two ranks)."""
     return bool(fsdp_strategy(cfg)) and cfg.lora is not None and cfg.model.gradient_checkpointing and reentrant
+
+
+KEPT_CACHE_TERM = "activations: key/value cache kept through the forward"
 
 
 def _kept_training_cache(run: _Run, libraries: Libraries) -> int:
@@ -1339,7 +1354,7 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
     if kept_cache:
         terms.append(
             Term(
-                "activations: key/value cache kept through the forward",
+                KEPT_CACHE_TERM,
                 kept_cache,
                 f"{run.shape.num_layers} layers × b·s·(q + k + v) of c_attn's output, to the end of the forward",
                 SRC_GPT_BIGCODE_CACHE,

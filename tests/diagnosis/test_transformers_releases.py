@@ -146,6 +146,7 @@ def test_gpt_bigcode_before_4_53_keeps_every_layers_cache_through_a_checkpointed
         "activations: key/value cache kept through the forward"
     ] == cache
     assert any("key/value cache" in note for note in traced_old.notes)
+    assert any("model.config.use_cache = False" in note for note in old.notes)  # the way out, with its bytes
     assert (old.peak_phase, new.peak_phase) == ("forward", "backward")
     assert old.peak_allocated_bytes > new.peak_allocated_bytes
     # Within the 10% the two modes are held to (test_estimators_agree): with the cache, a moment inside
