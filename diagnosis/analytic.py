@@ -573,15 +573,14 @@ class _Activations:
     loss_shifted: int
     loss_head: int  # the head output still alive during the loss (freed by `logits = logits.float()`)
     loss_cells: int  # one b·s·V tensor in the loss's dtype: the log-softmax output and each of its gradients
+    layer_full: int  # one layer's own saved bytes (what checkpointing recomputes)
+    by_tag: dict[str, int]  # one typical layer's bytes on the main trace, by part
+    layer_tags: dict[str, int]  # one typical layer's own saved bytes by part, checkpointed or not
 
     @property
     def at_loss(self) -> int:
         """Alive while cross-entropy runs, beside what it keeps."""
         return self.loss_head + self.loss_upcast + self.loss_shifted
-
-    layer_full: int  # one layer's own saved bytes (what checkpointing recomputes)
-    by_tag: dict[str, int]  # one typical layer's bytes on the main trace, by part
-    layer_tags: dict[str, int]  # one typical layer's own saved bytes by part, checkpointed or not
 
     def total(self, num_layers: int) -> int:
         """Saved activations, without the loss's: the `activations` component."""
@@ -1223,7 +1222,7 @@ def estimate_analytic(
         note
         for note in (
             _bitsandbytes_note(cfg, device, shape, libraries, estimate),
-            _loss_dtype_note(cfg, device, shape, libraries, estimate),
+            _loss_layout_note(cfg, device, shape, libraries, estimate),
             _training_cache_note(estimate, libraries, shape),
         )
         if note
@@ -1242,7 +1241,7 @@ def _training_cache_note(estimate: MemoryEstimate, libraries: Libraries, shape: 
     )
 
 
-def _loss_dtype_note(
+def _loss_layout_note(
     cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
 ) -> str | None:
     """What today's loss would change, for a run whose transformers computes it the old way: an

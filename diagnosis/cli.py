@@ -79,8 +79,8 @@ def _add_bitsandbytes(sub: argparse.ArgumentParser) -> None:
 def _add_transformers(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--transformers-version",
-        help="the transformers that runs the step (before 5.0 it checkpoints reentrantly; before 4.49 GPT-2 and "
-        "GPTBigCode compute the loss in bf16); default: the one installed",
+        help="the transformers that runs the step (before 5.0 it checkpoints reentrantly, before 4.49 its loss "
+        "copies the logits, before 4.53 GPTBigCode keeps a cache in training); default: the one installed",
     )
 
 

@@ -496,7 +496,7 @@ def loss_as_it_ran(head_output: list[torch.Tensor], labels: torch.Tensor, layout
     logits = head_output.pop()
     read = logits.float() if layout.upcast else logits
     if not layout.keeps_head_output:
-        logits = read
+        del logits  # the forward's `logits = logits.float()`: the 16-bit head output is freed here
     shift_logits = read[..., :-1, :].contiguous()
     shift_labels = labels[..., 1:].contiguous()
     return torch.nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
