@@ -184,7 +184,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
         param_dtype=param_dtype,
         autocast=None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision,
         attention=_attention_kernel(cfg, shape, device),
-        checkpointing=cfg.model.gradient_checkpointing,
+        checkpointing=cfg.model.gradient_checkpointing and not libraries.ignores_checkpointing(shape.model_type),
         full_ft=lora is None,
         lora_targets=frozenset(lora.target_modules) if lora else frozenset(),
         lora_r=lora.r if lora else 0,
@@ -1224,10 +1224,26 @@ def estimate_analytic(
             _bitsandbytes_note(cfg, device, shape, libraries, estimate),
             _loss_layout_note(cfg, device, shape, libraries, estimate),
             _training_cache_note(estimate, libraries, shape),
+            _lost_checkpointing_note(cfg, device, shape, libraries, estimate),
         )
         if note
     ]
     return dataclasses.replace(estimate, notes=(*estimate.notes, *notes)) if notes else estimate
+
+
+def _lost_checkpointing_note(
+    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
+) -> str | None:
+    """A run that asks for checkpointing and does not get it needs telling, with what it would save."""
+    if not (cfg.model.gradient_checkpointing and libraries.ignores_checkpointing(shape.model_type)):
+        return None
+    fixed = _estimate(cfg, device, shape, dataclasses.replace(libraries, transformers=None))
+    saves = estimate.peak_allocated_bytes - fixed.peak_allocated_bytes
+    return (
+        f"transformers {libraries.transformers} does not checkpoint {shape.model_type} (lost in 4.54, "
+        "transformers#38635; back in 5.0, #41818): gradient_checkpointing=true does nothing there, so this "
+        f"estimate has none; transformers >= 5.0 checkpoints it ({human_bytes(max(saves, 0))} less on this peak)"
+    )
 
 
 def _training_cache_note(estimate: MemoryEstimate, libraries: Libraries, shape: ModelShape) -> str | None:
@@ -1333,7 +1349,7 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
         states_paged=cfg.train.optimizer.startswith("paged"),
     )
     gathered = gathered_parameter_bytes(shape, cfg)
-    kept_gradients = _fsdp_kept_input_gradients(run, cfg, acts, libraries.checkpoints_reentrantly)
+    kept_gradients = _fsdp_kept_input_gradients(run, cfg, acts, libraries.checkpoints_reentrantly and run.checkpointing)
     kept_cache = _kept_training_cache(run, libraries)
     moments = _moments(run, acts, persistent, gathered, kept_gradients, kept_cache)
     peak = max(moments, key=lambda moment: moment.total)

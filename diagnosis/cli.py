@@ -80,7 +80,8 @@ def _add_transformers(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--transformers-version",
         help="the transformers that runs the step (before 5.0 it checkpoints reentrantly, before 4.49 its loss "
-        "copies the logits, before 4.53 GPTBigCode keeps a cache in training); default: the one installed",
+        "copies the logits, before 4.53 GPTBigCode keeps a cache in training and from 4.54 to 5.0 does not "
+        "checkpoint); default: the one installed",
     )
 
 

@@ -90,6 +90,16 @@ SRC_GPT_BIGCODE_CACHE = (
     "config.use_cache (True) under gradient checkpointing; 4.53.0 sets use_cache = False there"
 )
 
+# GPTBigCode lost gradient checkpointing in the 4.54 refactor (transformers#38635: its blocks became
+# plain nn.Module and the model stopped calling a checkpoint function) until transformers#41818 made
+# them GradientCheckpointingLayer again, released in 5.0 (read in the 4.53.0, 4.54.0, 4.55.0,
+# 4.56.0, 4.57.6 and 5.0.0 wheels; every other family read in 4.57.6 checkpoints).
+GPT_BIGCODE_CHECKPOINTING_LOST = ((4, 54, 0), (5, 0, 0))
+SRC_GPT_BIGCODE_NO_CHECKPOINTING = (
+    "transformers#38635 (4.54) dropped GPTBigCode's gradient checkpointing: gradient_checkpointing_enable() "
+    "succeeds and nothing is recomputed; transformers#41818 restored it in 5.0"
+)
+
 # A version that names today's release, for a reader that must not fall back on this machine's.
 LATEST = "latest"
 
@@ -146,6 +156,13 @@ def keeps_training_cache(model_type: str, transformers: str | None, checkpointin
     )
 
 
+def ignores_checkpointing(model_type: str, transformers: str | None) -> bool:
+    """Whether this transformers silently runs `model_type` without gradient checkpointing when asked for it."""
+    parsed = parse_version(transformers)
+    lost, restored = GPT_BIGCODE_CHECKPOINTING_LOST
+    return model_type == "gpt_bigcode" and parsed is not None and lost <= parsed < restored
+
+
 def version_that_runs(package: str, named: str | None) -> str | None:
     """The version of `package` an estimate follows: the one named, else the one installed here, else None."""
     return named or installed_version(package)
@@ -177,3 +194,6 @@ class Libraries:
 
     def keeps_training_cache(self, model_type: str, checkpointing: bool) -> bool:
         return keeps_training_cache(model_type, self.transformers, checkpointing)
+
+    def ignores_checkpointing(self, model_type: str) -> bool:
+        return ignores_checkpointing(model_type, self.transformers)

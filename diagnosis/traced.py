@@ -790,6 +790,12 @@ def _trace_fake(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[St
             f"a shifted copy of {how}"
             + ("" if loss.keeps_head_output or not loss.upcast else ", the 16-bit head output freed by logits.float()")
         )
+    if cfg.model.gradient_checkpointing and libraries.ignores_checkpointing(model_type):
+        model.gradient_checkpointing_disable()
+        notes.append(
+            f"traced without gradient checkpointing: transformers {libraries.transformers} does not checkpoint "
+            f"{model_type} (lost in 4.54, transformers#38635; back in 5.0, #41818)"
+        )
     keep_cache = libraries.keeps_training_cache(model_type, cfg.model.gradient_checkpointing)
     if keep_cache:
         notes.append(

@@ -7,6 +7,7 @@ from diagnosis.libraries import (
     Libraries,
     LossLayout,
     bitsandbytes_keeps_matmul_input,
+    ignores_checkpointing,
     installed_version,
     keeps_training_cache,
     loss_layout,
@@ -79,3 +80,18 @@ def test_only_gpt_bigcode_before_4_53_kept_its_cache_in_checkpointed_training(
     model_type, version, checkpointing, keeps
 ):
     assert keeps_training_cache(model_type, version, checkpointing) is keeps
+
+
+@pytest.mark.parametrize(
+    ("model_type", "version", "ignores"),
+    [
+        ("gpt_bigcode", "4.53.0", False),
+        ("gpt_bigcode", "4.54.0", True),
+        ("gpt_bigcode", "4.57.6", True),
+        ("gpt_bigcode", "5.0.0", False),
+        ("llama", "4.56.0", False),
+        ("gpt_bigcode", None, False),
+    ],
+)
+def test_gpt_bigcode_ran_without_checkpointing_from_4_54_until_5_0(model_type, version, ignores):
+    assert ignores_checkpointing(model_type, version) is ignores

@@ -154,3 +154,24 @@ def test_gpt_bigcode_before_4_53_keeps_every_layers_cache_through_a_checkpointed
     assert traced_old.peak_allocated_bytes == pytest.approx(old.peak_allocated_bytes, rel=0.10)
     assert traced_new.peak_allocated_bytes == pytest.approx(new.peak_allocated_bytes, rel=0.02)
     assert traced_old.peak_allocated_bytes - traced_new.peak_allocated_bytes > cache / 2
+
+
+def test_gpt_bigcode_from_4_54_to_5_0_trains_without_the_checkpointing_it_was_asked_for(tmp_path):
+    """transformers#38635 (4.54) dropped GPTBigCode's checkpointing and #41818 restored it in 5.0:
+    in between, gradient_checkpointing=true does nothing. Both estimators estimate such a run as the
+    same config without checkpointing, and the analytic note says what 5.0 saves."""
+    (tmp_path / "config.json").write_text(json.dumps({**GPT2, "model_type": "gpt_bigcode", "n_inner": 256}))
+    items = [f"model.name={tmp_path}", "train.device=cpu", *ITEMS]
+    asked = overrides(*items, "model.gradient_checkpointing=true")
+    plain = overrides(*items, "model.gradient_checkpointing=false")
+    lost = estimate_analytic(asked, device="cpu", transformers="4.56.0")
+    assert (
+        lost.peak_allocated_bytes == estimate_analytic(plain, device="cpu", transformers="4.56.0").peak_allocated_bytes
+    )
+    restored = estimate_analytic(asked, device="cpu", transformers="5.0.0")
+    assert restored.peak_allocated_bytes < lost.peak_allocated_bytes
+    assert any("does not checkpoint gpt_bigcode" in note for note in lost.notes)
+    traced_lost = estimate_traced(asked, device="cpu", transformers="4.56.0")
+    traced_plain = estimate_traced(plain, device="cpu", transformers="4.56.0")
+    assert traced_lost.peak_allocated_bytes == traced_plain.peak_allocated_bytes
+    assert any("traced without gradient checkpointing" in note for note in traced_lost.notes)
