@@ -26,7 +26,9 @@ from typing import Any, Literal
 from diagnosis.estimate import MemoryEstimate
 from diagnosis.libraries import (
     BNB_MATMUL4BIT_DROPS_INPUT,
+    GPT_BIGCODE_CHECKPOINTING_LOST,
     bitsandbytes_keeps_matmul_input,
+    ignores_checkpointing,
     version_that_runs,
 )
 from diagnosis.oom_text import OomMessage
@@ -432,7 +434,7 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
     activations, source = _component(ctx, "activations")
     if cfg is not None and cfg.model.gradient_checkpointing:
-        return []
+        return _checkpointing_lost(ctx, cfg)
     if cfg is None and activations is None:
         return []
     patch = {"model.gradient_checkpointing": True}
@@ -450,6 +452,40 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
             confidence,
             why,
             patch,
+            None if saves is not None else "no config to estimate",
+        )
+    ]
+
+
+def _checkpointing_lost(ctx: _Context, cfg: RunConfig) -> list[Suggestion]:
+    """Checkpointing asked for and silently not done: the config says it is on, the step says it is not."""
+    from diagnosis.architecture import ArchitectureError, shape_for
+
+    version = version_that_runs("transformers", ctx.ev.transformers_version)
+    try:
+        model_type = shape_for(cfg.model.name).model_type
+    except (ArchitectureError, OSError):
+        return []
+    if not ignores_checkpointing(model_type, version):
+        return []
+    restored = ".".join(str(part) for part in GPT_BIGCODE_CHECKPOINTING_LOST[1])
+    saves = None
+    if ctx.base is not None and ctx.estimator is not None:
+        after = _estimate(ctx.ev, ctx.estimator, cfg, ctx.device, transformers=restored)
+        saves = ctx.base.device_bytes - after.device_bytes
+    why = (
+        f"transformers {version} does not checkpoint {model_type} (lost in 4.54 with transformers#38635, restored "
+        f"in {restored} by #41818): model.gradient_checkpointing=true does nothing, every activation is kept"
+    )
+    why += f"; upgrading saves {human_bytes(saves)}." if saves else "."
+    return [
+        Suggestion(
+            "gradient_checkpointing",
+            f"pip install 'transformers>={restored}'",
+            saves,
+            "high",
+            why,
+            None,
             None if saves is not None else "no config to estimate",
         )
     ]
@@ -526,12 +562,15 @@ def _rule_lora(ctx: _Context) -> list[Suggestion]:
 
 
 def _lora_targets(cfg: RunConfig) -> list[str]:
-    from trainer.presets import PRESETS
+    """The model's attention projections by its own module names (c_attn/c_proj for GPT-2 and
+    GPTBigCode, qkv_proj/o_proj for Phi-3): names it lacks would make peft refuse the fix."""
+    from diagnosis.architecture import ArchitectureError, shape_for
 
-    preset = PRESETS.get(cfg.model.name)
-    names = preset.linear_module_names if preset else ("q_proj", "k_proj", "v_proj", "o_proj")
-    wanted = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if n in names]
-    return wanted or list(names[:1])
+    try:
+        shape = shape_for(cfg.model.name)
+    except (ArchitectureError, OSError):
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return list(dict.fromkeys(linear.name for linear in shape.linear_layers() if linear.block == "attention"))
 
 
 def _rule_optimizer_8bit(ctx: _Context) -> list[Suggestion]:

@@ -158,8 +158,14 @@ def test_a_snapshot_with_expandable_segments_on_gets_no_allocator_advice():
 
 def test_a_snapshots_oom_event_supplies_the_request_and_the_cache():
     snapshot = {
-        "ooms": [{"requested_bytes": 2 * GIB, "device_free_bytes": 0, "allocated_bytes": 70 * GIB,
-                  "reserved_bytes": 75 * GIB}],
+        "ooms": [
+            {
+                "requested_bytes": 2 * GIB,
+                "device_free_bytes": 0,
+                "allocated_bytes": 70 * GIB,
+                "reserved_bytes": 75 * GIB,
+            }
+        ],
         "allocator_settings": {},
     }
     first = suggest(Evidence(snapshot=snapshot, torch_version="2.5.1"))[0]
@@ -257,3 +263,39 @@ def test_every_what_if_is_estimated_with_the_transformers_that_ran():
 
     suggest(Evidence(config=_qlora(), transformers_version="4.45.2"), estimator)
     assert len(calls) > 1 and all(call.get("transformers") == "4.45.2" for call in calls)
+
+
+def _gpt_bigcode(folder: Path, **sections) -> RunConfig:
+    (folder / "config.json").write_text(
+        '{"model_type": "gpt_bigcode", "vocab_size": 4096, "n_embd": 256, "n_inner": 1024, "n_layer": 8, '
+        '"n_head": 4, "n_positions": 2048}'
+    )
+    raw = {
+        "model": {"name": str(folder), "dtype": "bf16", "gradient_checkpointing": True},
+        "lora": {"target_modules": ["c_attn"]},
+        "data": {"seq_len": 2048},
+        "train": {"micro_batch_size": 4},
+    }
+    return validate_config({**raw, **sections})
+
+
+def test_checkpointing_that_the_transformers_silently_skips_is_named_with_the_upgrade(tmp_path: Path):
+    """GPTBigCode on transformers 4.54-4.57 ignores gradient_checkpointing=true (diagnosis.libraries):
+    the top fix is the release that checkpoints again, with the bytes it saves."""
+    cfg = _gpt_bigcode(tmp_path)
+    # A card 100 MiB short of the step: the cheapest fix that closes it comes first.
+    capacity = estimate_analytic(cfg, transformers="4.56.0").device_bytes - 100 * MIB
+    items = suggest(Evidence(config=cfg, capacity_bytes=capacity, transformers_version="4.56.0"), estimate_analytic)
+    assert items[0].change == "pip install 'transformers>=5.0.0'"
+    assert items[0].category == "gradient_checkpointing" and items[0].saves_bytes > 100 * MIB
+    assert not [
+        s
+        for s in suggest(Evidence(config=cfg, transformers_version="5.0.0"), estimate_analytic)
+        if "transformers>=" in s.change
+    ]
+
+
+def test_lora_is_suggested_on_the_models_own_attention_projections(tmp_path: Path):
+    items = suggest(Evidence(config=_gpt_bigcode(tmp_path, lora=None)), estimate_analytic)
+    lora = [s for s in items if s.category == "lora"]
+    assert lora and lora[0].patch["lora"]["target_modules"] == ["c_attn", "c_proj"]  # not Llama's q_proj…
