@@ -8,6 +8,7 @@ has installed.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from importlib import metadata
@@ -113,7 +114,10 @@ def parse_version(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(part) for part in found.group(0).split(".")) if found else None
 
 
+@functools.cache
 def installed_version(package: str) -> str | None:
+    """Asked on every estimate (the suggestion engine makes dozens): reading package metadata costs
+    about a millisecond, and what is installed does not change under a running process."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
