@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.libraries import (
+    CHECKPOINTING_LOST_AND_RESTORED,
     SRC_BNB_1270,
     SRC_GPT_BIGCODE_CACHE,
     SRC_TRANSFORMERS_OLD_LOSS,
@@ -1240,8 +1241,8 @@ def _lost_checkpointing_note(
     fixed = _estimate(cfg, device, shape, dataclasses.replace(libraries, transformers=None))
     saves = estimate.peak_allocated_bytes - fixed.peak_allocated_bytes
     return (
-        f"transformers {libraries.transformers} does not checkpoint {shape.model_type} (lost in 4.54, "
-        "transformers#38635; back in 5.0, #41818): gradient_checkpointing=true does nothing there, so this "
+        f"transformers {libraries.transformers} does not checkpoint {shape.model_type} "
+        f"({CHECKPOINTING_LOST_AND_RESTORED}): gradient_checkpointing=true does nothing there, so this "
         f"estimate has none; transformers >= 5.0 checkpoints it ({human_bytes(max(saves, 0))} less on this peak)"
     )
 

@@ -167,6 +167,18 @@ def ignores_checkpointing(model_type: str, transformers: str | None) -> bool:
     return model_type == "gpt_bigcode" and parsed is not None and lost <= parsed < restored
 
 
+def release(parts: tuple[int, ...]) -> str:
+    """A version tuple as users type it (`0.43.2`), for the messages that name one."""
+    return ".".join(str(part) for part in parts)
+
+
+# One wording for the estimate's note, the trace's note and the suggestion ("lost in 4.54, …").
+CHECKPOINTING_LOST_AND_RESTORED = (
+    f"lost in {release(GPT_BIGCODE_CHECKPOINTING_LOST[0]).removesuffix('.0')}, transformers#38635; "
+    f"back in {release(GPT_BIGCODE_CHECKPOINTING_LOST[1]).removesuffix('.0')}, #41818"
+)
+
+
 def version_that_runs(package: str, named: str | None) -> str | None:
     """The version of `package` an estimate follows: the one named, else the one installed here, else None."""
     return named or installed_version(package)

@@ -26,9 +26,11 @@ from typing import Any, Literal
 from diagnosis.estimate import MemoryEstimate
 from diagnosis.libraries import (
     BNB_MATMUL4BIT_DROPS_INPUT,
+    CHECKPOINTING_LOST_AND_RESTORED,
     GPT_BIGCODE_CHECKPOINTING_LOST,
     bitsandbytes_keeps_matmul_input,
     ignores_checkpointing,
+    release,
     version_that_runs,
 )
 from diagnosis.oom_text import OomMessage
@@ -468,14 +470,14 @@ def _checkpointing_lost(ctx: _Context, cfg: RunConfig) -> list[Suggestion]:
         return []
     if not ignores_checkpointing(model_type, version):
         return []
-    restored = ".".join(str(part) for part in GPT_BIGCODE_CHECKPOINTING_LOST[1])
+    restored = release(GPT_BIGCODE_CHECKPOINTING_LOST[1])
     saves = None
     if ctx.base is not None and ctx.estimator is not None:
         after = _estimate(ctx.ev, ctx.estimator, cfg, ctx.device, transformers=restored)
         saves = ctx.base.device_bytes - after.device_bytes
     why = (
-        f"transformers {version} does not checkpoint {model_type} (lost in 4.54 with transformers#38635, restored "
-        f"in {restored} by #41818): model.gradient_checkpointing=true does nothing, every activation is kept"
+        f"transformers {version} does not checkpoint {model_type} ({CHECKPOINTING_LOST_AND_RESTORED}): "
+        "model.gradient_checkpointing=true does nothing, every activation is kept"
     )
     why += f"; upgrading saves {human_bytes(saves)}." if saves else "."
     return [
@@ -628,7 +630,7 @@ def _rule_bitsandbytes(ctx: _Context) -> list[Suggestion]:
     version = version_that_runs("bitsandbytes", ctx.ev.bitsandbytes_version)
     if not bitsandbytes_keeps_matmul_input(version):
         return []
-    fixed = ".".join(str(part) for part in BNB_MATMUL4BIT_DROPS_INPUT)
+    fixed = release(BNB_MATMUL4BIT_DROPS_INPUT)
     after = _estimate(ctx.ev, ctx.estimator, cfg, ctx.device, bitsandbytes=fixed)
     saves = ctx.base.device_bytes - after.device_bytes
     if saves < 64 * MIB:

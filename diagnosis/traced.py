@@ -49,7 +49,7 @@ from diagnosis.analytic import (
     fsdp_keeps_input_gradients,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
-from diagnosis.libraries import Libraries, LossLayout
+from diagnosis.libraries import CHECKPOINTING_LOST_AND_RESTORED, Libraries, LossLayout
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from trainer.config import RunConfig
@@ -794,7 +794,7 @@ def _trace_fake(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[St
         model.gradient_checkpointing_disable()
         notes.append(
             f"traced without gradient checkpointing: transformers {libraries.transformers} does not checkpoint "
-            f"{model_type} (lost in 4.54, transformers#38635; back in 5.0, #41818)"
+            f"{model_type} ({CHECKPOINTING_LOST_AND_RESTORED})"
         )
     keep_cache = libraries.keeps_training_cache(model_type, cfg.model.gradient_checkpointing)
     if keep_cache:
