@@ -26,6 +26,7 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,9 @@ def measured_peak(cfg: RunConfig) -> dict[str, int]:
     return result
 
 
-def peaks(skip_traced: bool) -> list[dict[str, Any]]:
+def peaks(skip_traced: bool, progress: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Each row handed to `progress` as it is measured: a run cut off by the device's time limit
+    still brings back the rows it finished."""
     from diagnosis.analytic import estimate_analytic
 
     rows = []
@@ -229,6 +232,7 @@ def peaks(skip_traced: bool) -> list[dict[str, Any]]:
                 row["traced_error"] = row["traced"]["peak_allocated_bytes"] / measured - 1
         print(f"{name}: measured {measured}, analytic error {row.get('analytic_error')}", flush=True)
         rows.append(row)
+        progress(rows)
     return rows
 
 
@@ -247,7 +251,7 @@ def main() -> None:
 
     write("manifest.json", manifest())
     write("memory_stats.json", memory_stats_steps())
-    write("peaks.json", peaks(args.skip_traced))
+    peaks(args.skip_traced, lambda rows: write("peaks.json", rows))
     write("oom.json", cuda_oom(args.out))  # last: the observer stays attached to this process
 
 
