@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from collector.allocator import (
     allocator_probe_for,
     device_name,
     device_total_bytes,
+    flat_reading_stats,
     reading_from_stats,
 )
 from collector.readings import AllocatorReading
@@ -56,6 +59,32 @@ def test_reading_from_stats_with_untouched_counters_missing():
     assert reading.inactive_split_bytes == 0 and reading.num_alloc_retries == 0
 
 
+RECORDED_STATS = sorted((Path(__file__).parents[1] / "fixtures" / "gpu").glob("*/memory_stats.json"))
+
+
+def _nested(flat: dict[str, int]) -> dict:
+    """memory_stats() flattens the nested dict by joining keys with dots; undo that."""
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
+
+
+@pytest.mark.skipif(not RECORDED_STATS, reason="no CUDA run recorded yet (bench/gpu_record.py on a GPU)")
+@pytest.mark.parametrize("path", RECORDED_STATS, ids=lambda p: p.parent.name)
+def test_the_probe_reads_from_the_nested_stats_what_the_flat_ones_say(path):
+    """The probe reads the nested dict (no Python flattening on the step's path): on stats a real
+    GPU run recorded, the reading must be the one the flat dict gives."""
+    for step in json.loads(path.read_text())["steps"]:
+        flat = step["memory_stats"]
+        assert reading_from_stats(flat_reading_stats(_nested(flat)), 1.0) == reading_from_stats(flat, 1.0)
+        assert reading_from_stats(flat, 1.0).allocated_bytes > 0
+
+
 def test_no_probe_on_cpu():
     cpu = torch.device("cpu")
     assert allocator_probe_for(cpu) is None
@@ -83,6 +112,9 @@ def test_cuda_probe_reads_real_allocations_and_resets_peaks():
     assert first.allocated_bytes >= 64 * MIB
     assert first.peak_allocated_bytes >= first.allocated_bytes + 128 * MIB
     assert first.reserved_bytes >= first.allocated_bytes
+
+    nested, flat = torch.cuda.memory_stats_as_nested_dict(device), torch.cuda.memory_stats(device)
+    assert reading_from_stats(flat_reading_stats(nested), 0.0) == reading_from_stats(flat, 0.0)
 
     second = probe.sample_and_reset()  # peak reset: the transient block is gone from it
     assert second.peak_allocated_bytes < first.peak_allocated_bytes
