@@ -1,6 +1,6 @@
 """Wall time of one analytic estimate (issue #4 target: under 50 ms), over configs from tiny to 70B.
 
-    .venv/bin/python -m bench.analytic_timing [--repeat 200]
+.venv/bin/python -m bench.analytic_timing [--repeat 200]
 """
 
 from __future__ import annotations

@@ -18,7 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML run config (defaults are used for keys it leaves out)")
     run.add_argument("--db", help="SQLAlchemy URL (default: $OOMLENS_DB_URL or sqlite under $OOMLENS_WORKSPACE)")
     run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config key, e.g. --set train.max_steps=5 (repeatable; values are YAML)",
     )
     run.add_argument("--name", help="a label for the run")

@@ -52,9 +52,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         from transformers.optimization import Adafactor
 
         # A fixed learning rate like the other optimizers; Adafactor's relative step would ignore train.lr.
-        return Adafactor(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False
-        )
+        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False)
     if cfg.optimizer in _BITSANDBYTES_OPTIMIZERS:
         import bitsandbytes  # refused before launch where it is missing (trainer.config.runner_issues)
 
@@ -100,9 +98,7 @@ def setup(cfg: RunConfig, device: torch.device) -> Training:
         optimizer=make_optimizer(cfg.train, built.model),
         # Loss scaling exists for fp16's narrow range only; bf16 and fp32 need none.
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.mixed_precision == "fp16"),
-        batches=batches(
-            cfg.data, cfg.train.micro_batch_size, built.vocab_size, cfg.train.seed, built.tokenizer_path
-        ),
+        batches=batches(cfg.data, cfg.train.micro_batch_size, built.vocab_size, cfg.train.seed, built.tokenizer_path),
     )
 
 

@@ -39,9 +39,7 @@ def build_postmortem(
     message = str(error) or type(error).__name__
     recent = tuple(s.columns() for s in monitor.recent_steps) if monitor else ()
     batch = position.batch_shape if position else None
-    finding = explain_failure(
-        position.step if position else None, batch["seq_len"] if batch else None, list(recent)
-    )
+    finding = explain_failure(position.step if position else None, batch["seq_len"] if batch else None, list(recent))
     snapshot_path = snapshot_bytes = None
     if cuda_capture is None:
         snapshot_note = (

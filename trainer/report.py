@@ -32,8 +32,13 @@ def run_report(run: RunRecord, steps: list[StepRecord]) -> str:
         for s in steps:
             loss = f"{s.loss:9.4f}" if s.loss is not None else "      n/a"
             values = (
-                s.parameter_bytes, s.gradient_bytes, s.optimizer_state_bytes, s.activation_bytes,
-                s.allocated_bytes, s.peak_allocated_bytes, s.rss_bytes,
+                s.parameter_bytes,
+                s.gradient_bytes,
+                s.optimizer_state_bytes,
+                s.activation_bytes,
+                s.allocated_bytes,
+                s.peak_allocated_bytes,
+                s.rss_bytes,
             )
             cells = "".join(f"{human_bytes(value):>12}" for value in values)
             lines.append(f"  {s.step:>4} {loss} {s.tokens_per_s or 0:>9,.0f}{cells}")

@@ -120,10 +120,14 @@ def test_figures_table_puts_each_run_in_a_column_and_the_difference_after():
     assert list(table.columns) == ["run 1", "run 2 · fix", "run 2 vs run 1"]
     # The failed run needed at least what it held plus the request that failed: the saving is a floor.
     assert table.loc["Peak allocated"].tolist() == [
-        "≥ 73.0 GiB needed (70.0 GiB held at the failure + the failed request)", "40.0 GiB", "−33.0 GiB or more"
+        "≥ 73.0 GiB needed (70.0 GiB held at the failure + the failed request)",
+        "40.0 GiB",
+        "−33.0 GiB or more",
     ]
     assert table.loc["Peak reserved"].tolist() == [
-        "≥ 81.0 GiB needed (78.0 GiB held at the failure + the failed request)", "44.5 GiB", "−36.5 GiB or more"
+        "≥ 81.0 GiB needed (78.0 GiB held at the failure + the failed request)",
+        "44.5 GiB",
+        "−36.5 GiB or more",
     ]
     assert "Peak RSS" not in table.index  # no run has the reading: left out rather than all n/a
     assert table.loc["Failed request"].tolist() == ["3.0 GiB", "n/a", ""]

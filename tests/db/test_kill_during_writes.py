@@ -51,7 +51,9 @@ def test_sigkill_mid_write_never_half_writes_a_batch(db_url):
     kills = 0
     for _ in range(8):
         writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, db_url, str(run_id)], stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-c", WRITER, db_url, str(run_id)],
+            stdout=subprocess.PIPE,
+            text=True,
             env=subprocess_env(),
         )
         assert writer.stdout.readline().strip() == "ready"
@@ -64,8 +66,13 @@ def test_sigkill_mid_write_never_half_writes_a_batch(db_url):
             steps = [row[0] for row in conn.execute(text("SELECT step FROM step_samples ORDER BY step"))]
             # Whole batches only, and no gap: a killed batch left nothing behind.
             assert len(steps) % BATCH == 0 and steps == list(range(1, len(steps) + 1))
-            rolled = conn.execute(text("SELECT coalesce(sum(steps), 0), coalesce(max(max_activation_bytes), 0) "
-                                       "FROM step_rollups WHERE run_id = :r"), {"r": run_id}).one()
+            rolled = conn.execute(
+                text(
+                    "SELECT coalesce(sum(steps), 0), coalesce(max(max_activation_bytes), 0) "
+                    "FROM step_rollups WHERE run_id = :r"
+                ),
+                {"r": run_id},
+            ).one()
             assert tuple(rolled) == (len(steps), 3 * len(steps))
     assert kills == 8
     assert steps, "the writer never committed a batch: the kills came too early to test anything"

@@ -55,9 +55,11 @@ def test_parse_with_several_messages_gives_the_first_and_all(tmp_path):
     log = tmp_path / "train.log"
     log.write_text(MESSAGES["xpu_ipex_three_messages"])
     data = json.loads(diagnosis("parse", str(log), "--json").stdout)
-    assert data["is_oom"] and len(data["messages"]) == 3 and data["messages"][0] == {
-        k: v for k, v in data.items() if k != "messages"
-    }
+    assert (
+        data["is_oom"]
+        and len(data["messages"]) == 3
+        and data["messages"][0] == {k: v for k, v in data.items() if k != "messages"}
+    )
 
 
 def test_garbage_is_not_an_oom_message_and_not_an_error():

@@ -175,8 +175,7 @@ def test_a_trace_from_process_start_needs_no_anchor_and_names_the_2_gb_line():
         by_line[line] = by_line.get(line, 0) + block["size"]
     assert [(s.line, s.bytes) for s in summary.top_sites] == sorted(by_line.items(), key=lambda kv: -kv[1])
     assert (
-        summary.headline
-        == "4.1 GiB reserved, 3.0 GiB allocated; 3.1 MiB free inside split segments (<1% of reserved)"
+        summary.headline == "4.1 GiB reserved, 3.0 GiB allocated; 3.1 MiB free inside split segments (<1% of reserved)"
     )
 
 

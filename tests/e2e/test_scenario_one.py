@@ -52,7 +52,7 @@ class Screenshots:
         # (give it a moment to start: the running indicator appears only once the rerun is under way).
         self.page.wait_for_timeout(1500)
         self.page.wait_for_function(
-            "!document.querySelector('[data-testid=\"stSkeleton\"], [data-testid=\"stStatusWidget\"]')",
+            '!document.querySelector(\'[data-testid="stSkeleton"], [data-testid="stStatusWidget"]\')',
             timeout=PAGE_TIMEOUT_MS,
         )
         self.taken += 1

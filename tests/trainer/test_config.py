@@ -201,8 +201,13 @@ def test_runner_refuses_what_it_cannot_train_but_estimates_accept():
         }
     )
     issues = {issue.key: issue.message for issue in runner_issues(cfg)}
-    assert set(issues) == {"model.quantization", "model.attn_implementation", "train.optimizer", "train.num_gpus",
-                           "deepspeed"}
+    assert set(issues) == {
+        "model.quantization",
+        "model.attn_implementation",
+        "train.optimizer",
+        "train.num_gpus",
+        "deepspeed",
+    }
     assert "CUDA only" in issues["model.quantization"] and "for estimates" in issues["train.num_gpus"]
     assert runner_issues(validate_config({"train": {"optimizer": "adafactor"}})) == []
 

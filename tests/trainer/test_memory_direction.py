@@ -95,8 +95,12 @@ def test_directory_with_config_json_builds_random_weights(tmp_path):
     from transformers import Qwen2Config
 
     Qwen2Config(
-        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     ).save_pretrained(tmp_path)
     cfg = validate_config({"model": {"name": str(tmp_path)}})
     built = build_model(cfg.model, cfg.lora, torch.device("cpu"))

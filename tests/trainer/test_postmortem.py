@@ -56,7 +56,11 @@ def test_oom_post_mortem_names_step_phase_and_layer(db_url):
 
     cli = subprocess.run(
         trainer_command("postmortem", str(run_id), "--db", db_url, "--json"),
-        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=True,
     )
     data = json.loads(cli.stdout)
     for key in ("run_id", "step", "phase", "module", "requested_bytes", "error_text", "finding"):
@@ -68,12 +72,20 @@ def test_oom_post_mortem_names_step_phase_and_layer(db_url):
     assert top["sufficient"] and top["saves_bytes"] > 0.25 * 1024**3
     suggested = subprocess.run(
         [sys.executable, "-m", "diagnosis", "suggest", "--run", str(run_id), "--db", db_url, "--json"],
-        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=True,
     )
     assert json.loads(suggested.stdout)["suggestions"] == data["suggestions"]
     text = subprocess.run(
         trainer_command("postmortem", str(run_id), "--db", db_url),
-        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=True,
     ).stdout
     assert "step 1" in text and "forward of model.layers.0.self_attn" in text and "512.0 MiB" in text
     assert "fixes, best first:\n    1. model.attn_implementation=sdpa" in text
@@ -97,15 +109,25 @@ def test_a_full_fine_tune_short_of_optimizer_memory_is_told_to_shrink_the_states
     config = tmp_path / "config.json"
     config.write_text(json.dumps(WIDE_VOCAB_LLAMA))
     result, run_id = run(
-        db_url, f"model.name={config}", "lora=null", "data.seq_len=64", "train.micro_batch_size=1",
-        "train.max_steps=2", "train.device=cpu", "memory.limit_gb=0.25",
+        db_url,
+        f"model.name={config}",
+        "lora=null",
+        "data.seq_len=64",
+        "train.micro_batch_size=1",
+        "train.max_steps=2",
+        "train.device=cpu",
+        "memory.limit_gb=0.25",
     )
     assert result.returncode == 3, result.stderr[-3000:]
     pm = get_postmortem(open_engine(db_url), run_id)
     assert pm.phase == "optimizer"
     suggested = subprocess.run(
         [sys.executable, "-m", "diagnosis", "suggest", "--run", str(run_id), "--db", db_url, "--json"],
-        capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        check=True,
     )
     items = json.loads(suggested.stdout)["suggestions"]
     categories = [item["category"] for item in items]
@@ -119,7 +141,11 @@ def test_a_full_fine_tune_short_of_optimizer_memory_is_told_to_shrink_the_states
 
 def test_the_long_batch_that_triggered_it_is_named(db_url):
     result, run_id = run(
-        db_url, *EAGER_LONG, "data.seq_len=4096", "data.vary_length=true", "data.min_seq_len=64",
+        db_url,
+        *EAGER_LONG,
+        "data.seq_len=4096",
+        "data.vary_length=true",
+        "data.min_seq_len=64",
         "train.max_steps=60",
     )
     assert result.returncode == 3, result.stderr[-3000:]
@@ -136,7 +162,11 @@ def test_the_long_batch_that_triggered_it_is_named(db_url):
 
 def test_a_leak_across_steps_is_called_a_leak(db_url):
     result, run_id = run(
-        db_url, "memory.limit_gb=0.25", "train.device=cpu", "data.seq_len=64", "debug.leak_mb_per_step=16",
+        db_url,
+        "memory.limit_gb=0.25",
+        "train.device=cpu",
+        "data.seq_len=64",
+        "debug.leak_mb_per_step=16",
         "train.max_steps=200",
     )
     assert result.returncode == 3, result.stderr[-3000:]
@@ -151,6 +181,9 @@ def test_a_leak_across_steps_is_called_a_leak(db_url):
 def test_postmortem_cli_for_a_run_without_one(db_url):
     result = subprocess.run(
         trainer_command("postmortem", "99", "--db", db_url),
-        capture_output=True, text=True, timeout=60, env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
     )
     assert result.returncode == 1 and "no post-mortem for run 99" in result.stderr

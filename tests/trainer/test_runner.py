@@ -34,9 +34,7 @@ def run_trainer(tmp_path: Path, db_url: str, *overrides: str, config: str = ISSU
     args = ["run", "--config", str(path), "--db", db_url]
     for override in overrides:
         args += ["--set", override]
-    return subprocess.run(
-        trainer_command(*args), capture_output=True, text=True, timeout=timeout, env=subprocess_env()
-    )
+    return subprocess.run(trainer_command(*args), capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
 def first_line_run_id(stdout: str) -> int:
