@@ -36,6 +36,7 @@ from bench.collector_overhead import NullMonitor
 from collector.cuda_oom import CudaOomObserver, save_snapshot
 from collector.nvml import NvmlUnavailable, open_nvml
 from trainer.config import RunConfig, validate_config
+from trainer.environment import package_versions
 from trainer.loop import setup, train
 from trainer.memory_limit import apply_memory_limit
 
@@ -114,6 +115,8 @@ def manifest() -> dict[str, Any]:
     return {
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch": torch.__version__,
+        # The estimates follow these (diagnosis.libraries): a later reader must not guess them.
+        "versions": package_versions(),
         "cuda": torch.version.cuda,
         "gpu": gpu,
         "gpu_total_bytes": properties.total_memory,
@@ -211,7 +214,7 @@ def peaks(skip_traced: bool, progress: Callable[[list[dict[str, Any]]], None]) -
         except torch.OutOfMemoryError as error:
             row["measured"] = {"error": str(error)}
             _release()
-        analytic = estimate_analytic(cfg, device="cuda")
+        analytic = estimate_analytic(cfg, device="cuda", gpu=torch.cuda.get_device_name())
         row["analytic"] = {
             "peak_allocated_bytes": analytic.peak_allocated_bytes,
             "peak_reserved_bytes": analytic.peak_reserved_bytes,
@@ -221,7 +224,7 @@ def peaks(skip_traced: bool, progress: Callable[[list[dict[str, Any]]], None]) -
             from diagnosis.traced import estimate_traced
 
             try:
-                traced = estimate_traced(cfg, device="cuda")
+                traced = estimate_traced(cfg, device="cuda", gpu=torch.cuda.get_device_name())
                 row["traced"] = {"peak_allocated_bytes": traced.peak_allocated_bytes, "breakdown": traced.breakdown}
             except Exception as error:  # noqa: BLE001 - recorded, not hidden
                 row["traced"] = {"error": f"{type(error).__name__}: {error}"}

@@ -34,10 +34,12 @@ from dataclasses import dataclass
 
 from diagnosis.architecture import LinearShape, ModelShape, shape_for
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
+from diagnosis.gpus import compute_capability_of
 from diagnosis.libraries import (
     CHECKPOINTING_LOST_AND_RESTORED,
     SRC_BNB_1270,
     SRC_GPT_BIGCODE_CACHE,
+    SRC_SDPA_GQA_MATH,
     SRC_TRANSFORMERS_OLD_LOSS,
     SRC_TRANSFORMERS_REENTRANT,
     Libraries,
@@ -46,6 +48,7 @@ from diagnosis.libraries import (
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
 from diagnosis.units import human_bytes
+from diagnosis.workspaces import SRC_WORKSPACES, cublas_workspaces
 from trainer.config import RunConfig
 
 BYTES_PER_MIB = 1024**2
@@ -84,6 +87,10 @@ SRC_BNB_MATMUL = (
 SRC_FLASH = "Dao et al., FlashAttention (2022): keeps output + logsumexp, recomputes scores in backward"
 SRC_CHECKPOINT = "torch.utils.checkpoint (non-reentrant): keeps each layer's input, recomputes it in backward"
 SRC_DROPOUT = "ATen dropout: CUDA native_dropout keeps a bool mask, the CPU path a mask in the input dtype"
+SRC_CUDA_SOFTMAX_BACKWARD = (
+    "aten/src/ATen/native/cuda/SoftMax.cu softmax_backward_cuda_out (tmp = grad * output); seen in the "
+    "allocator's C++ stacks on an H100, torch 2.11"
+)
 SRC_CONTEXT = "REFERENCE.md §2: CUDA context ~300 MB with lazy module loading (CUDA >= 11.7)"
 SRC_CUDA_BLOCKS = (
     "c10/cuda/CUDACachingAllocator.cpp: round_size() rounds every request up to a multiple of kMinBlockSize "
@@ -157,16 +164,23 @@ class _Run:
         return sum(self.block(math.ceil(numel * itemsize)) for numel in numels)
 
 
-def _attention_kernel(cfg: RunConfig, shape: ModelShape, device: str) -> str:
+def _attention_kernel(cfg: RunConfig, shape: ModelShape, device: str, compute_dtype: str, libraries: Libraries) -> str:
     impl = cfg.model.attn_implementation
     if impl == "flash_attention_2":
         return "flash"
     if impl == "sdpa" and shape.attn_logit_softcap:
         return "eager"  # transformers refuses sdpa for soft-capped attention (Gemma 2)
+    if impl == "sdpa" and device.startswith("cuda"):
+        return "sdpa_math" if sdpa_gqa_falls_back(shape, compute_dtype, libraries) else "sdpa"
     if impl == "sdpa":
         # SDPA with dropout has no fused CPU kernel: the math path materialises the scores.
-        return "sdpa_math" if device == "cpu" and shape.attention_dropout > 0 else "sdpa"
+        return "sdpa_math" if shape.attention_dropout > 0 else "sdpa"
     return "eager"
+
+
+def sdpa_gqa_falls_back(shape: ModelShape, compute_dtype: str, libraries: Libraries) -> bool:
+    """CUDA's SDPA on fp32 grouped-query attention runs the math kernel (SRC_SDPA_GQA_MATH)."""
+    return shape.num_kv_heads < shape.num_heads and compute_dtype == "fp32" and libraries.sdpa_gqa_takes_math_kernel
 
 
 def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Libraries = Libraries()) -> _Run:
@@ -177,6 +191,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
     param_dtype = "fp32" if kbit_prepared else cfg.model.dtype
     # peft keeps adapters of a 16-bit (or quantised) base in fp32 (autocast_adapter_dtype=True).
     lora_dtype = "fp32" if param_dtype != "fp32" or cfg.model.quantization != "none" else param_dtype
+    compute_dtype = param_dtype if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
     return _Run(
         shape=shape,
         device="cuda" if device.startswith("cuda") else "cpu",
@@ -184,7 +199,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
         seq=cfg.data.seq_len,
         param_dtype=param_dtype,
         autocast=None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision,
-        attention=_attention_kernel(cfg, shape, device),
+        attention=_attention_kernel(cfg, shape, device, compute_dtype, libraries),
         checkpointing=cfg.model.gradient_checkpointing and not libraries.ignores_checkpointing(shape.model_type),
         full_ft=lora is None,
         lora_targets=frozenset(lora.target_modules) if lora else frozenset(),
@@ -917,7 +932,8 @@ def _layer_transients(run: _Run, acts: _Activations) -> tuple[int, int]:
     softmax(dtype=float32) converts a 16-bit input first). Backward runs the MLP first (three
     b·s·i gradients live at once for a gated MLP), frees the MLP's saved tensors, then the
     attention: softmax's backward holds the incoming and outgoing gradient of the probabilities
-    while the dropout mask and dropped copy are already freed. With checkpointing the layer's
+    (and on CUDA their product, which its kernel makes first) while the dropout mask and dropped
+    copy are already freed. With checkpointing the layer's
     activations are recomputed first and live through its backward.
     """
     s, cd, block = run.shape, ITEMSIZE[run.compute_dtype], run.block
@@ -931,7 +947,9 @@ def _layer_transients(run: _Run, acts: _Activations) -> tuple[int, int]:
         upcast = block(square * softmax) if softmax != cd else 0
         scores = block(square * cd)
         attn_forward = max(0, max(2 * scores, scores + upcast + block(square * softmax)) - kept_squares)
-        attn_backward = max(0, 2 * block(square * softmax) - (kept_squares - block(square * softmax)))
+        # CUDA's softmax backward also makes `tmp = grad * output` first (SRC_CUDA_SOFTMAX_BACKWARD).
+        gradients = (3 if run.device == "cuda" else 2) * block(square * softmax)
+        attn_backward = max(0, gradients - (kept_squares - block(square * softmax)))
     else:
         attn_forward = 0
         q, kv = run.tokens * s.head_dim * s.num_heads, run.tokens * s.head_dim * s.num_kv_heads
@@ -1096,7 +1114,8 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
     terms.append(Term(f"activations: {what}", acts.first_layer, "walked op by op", SRC_MEASURED))
     sources = {
         "attention scores": f"{SRC_KORTHIKANTI} (the 5·a·s²·b term)"
-        + (f"; {SRC_EAGER_MASK}" if run.attention == "eager" and run.shape.model_type == "gpt2" else ""),
+        + (f"; {SRC_EAGER_MASK}" if run.attention == "eager" and run.shape.model_type == "gpt2" else "")
+        + (f"; {SRC_SDPA_GQA_MATH}" if run.attention == "sdpa_math" and run.device == "cuda" else ""),
         "attention": SRC_FLASH if run.attention in ("sdpa", "flash") else SRC_KORTHIKANTI,
         "lora": f"{SRC_LORA}; {SRC_PEFT_DTYPE}" + (f"; {SRC_DROPOUT}" if run.lora_dropout else ""),
         "autocast weight copies": SRC_AUTOCAST,
@@ -1144,15 +1163,19 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
             "allocator does and max_memory_allocated counts (kMinBlockSize, c10/cuda/CUDACachingAllocator.cpp)"
         )
         notes.append(reserve_note())
-    if run.attention == "sdpa_math":
+    if run.attention == "sdpa_math" and run.device == "cpu":
         notes.append("sdpa with attention dropout on the CPU falls back to the math kernel, which keeps b·a·s² scores")
+    if run.attention == "sdpa_math" and run.device == "cuda":
+        notes.append(
+            "fp32 sdpa with grouped-query attention runs CUDA's math kernel (transformers passes enable_gqa, which "
+            "only the 16-bit flash kernel takes): it keeps the b·a·s² probabilities as eager attention does; "
+            "bf16 weights or train.mixed_precision: bf16 reach the flash kernel"
+        )
     if cfg.model.attn_implementation == "sdpa" and s.attn_logit_softcap:
         notes.append(
             f"transformers refuses sdpa for {s.model_type} (soft-capped attention): estimated as eager; "
             "set model.attn_implementation to eager or flash_attention_2"
         )
-    if device == "cuda" and run.attention == "sdpa" and run.compute_dtype == "fp32" and s.num_kv_heads < s.num_heads:
-        notes.append("fp32 sdpa with GQA may fall back to the math kernel (b·a·s² scores) on older torch")
     if run.quantization != "none":
         notes.append(
             "bitsandbytes dequantises each quantised weight for its matmul: the largest d_in·d_out × 2 B "
@@ -1207,18 +1230,21 @@ def estimate_analytic(
     shape: ModelShape | None = None,
     bitsandbytes: str | None = None,
     transformers: str | None = None,
+    torch: str | None = None,
+    gpu: str | None = None,
 ) -> MemoryEstimate:
     """Estimate one training step's memory from formulas (no torch, no transformers).
 
     `device` is where the step runs: "cuda" adds the CUDA context, rounds every tensor up to the
     caching allocator's 512-byte blocks and uses CUDA's kernels' rules (bool dropout masks, fused
     SDPA with dropout, foreach optimizers); "cpu" matches the runner on the CPU. `bitsandbytes` and
-    `transformers` are the versions that run the step (a recorded run's, a published one's); by
-    default the ones installed here, and current behaviour where there are none.
+    `transformers` (and `torch`) are the versions that run the step (a recorded run's, a published
+    one's); by default the ones installed here, and current behaviour where there are none. `gpu`
+    names the card (its compute capability sets the cuBLAS workspace; diagnosis.gpus).
     """
     shape = shape or shape_for(cfg.model.name)
-    libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers)
-    estimate = _estimate(cfg, device, shape, libraries)
+    libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers, torch=torch)
+    estimate = _estimate(cfg, device, shape, libraries, compute_capability_of(gpu))
     notes = [
         note
         for note in (
@@ -1329,7 +1355,21 @@ def _fsdp_kept_input_gradients(run: _Run, cfg: RunConfig, acts: _Activations, re
     return (run.shape.num_layers - 1) * acts.per_layer  # per_layer is the checkpointed input under checkpointing
 
 
-def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries) -> MemoryEstimate:
+def _workspaces(run: _Run, libraries: Libraries, capability: tuple[int, int] | None) -> Term | None:
+    if run.device != "cuda":
+        return None
+    biased = run.quantization == "none" and (
+        run.shape.lm_head_bias or any(linear.bias for linear in run.shape.linear_layers())
+    )
+    kept = cublas_workspaces(capability, libraries.torch_release, biased)
+    return Term("cuBLAS workspaces", kept.bytes, kept.formula, SRC_WORKSPACES)
+
+
+def _estimate(
+    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, capability: tuple[int, int] | None = None
+) -> MemoryEstimate:
+    """`capability` is the card's (None: not known); it sets only the workspaces, a constant that
+    cancels where two estimates are compared."""
     run = _resolve(cfg, shape, device, libraries)
     acts = _walk(run)
     parameter_terms = _parameter_terms(run)
@@ -1389,12 +1429,17 @@ def _estimate(cfg: RunConfig, device: str, shape: ModelShape, libraries: Librari
     reserve = allocator_reserve_bytes(peak.total) if run.device == "cuda" else 0
     if reserve:
         terms.append(reserve_term(peak.total))
+    # Held from the first step's backward on, at every moment: it moves no peak, it adds to each.
+    workspaces = _workspaces(run, libraries, capability)
+    breakdown = peak.breakdown | {"workspaces": workspaces.bytes if workspaces else 0}
+    if workspaces:
+        terms.append(workspaces)
     if runtime:
         terms.append(Term("CUDA context", runtime, "300 MiB", SRC_CONTEXT))
     activations = acts.total(shape.num_layers)
     return MemoryEstimate(
         mode="analytic",
-        breakdown=peak.breakdown,
+        breakdown=breakdown,
         peak_phase=peak.phase,
         allocator_overhead_bytes=reserve,
         runtime_overhead_bytes=runtime,

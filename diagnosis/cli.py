@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_capacity(estimate)
     estimate.add_argument("--traced", action="store_true", help="trace the real model under fake tensors (slower)")
     estimate.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    estimate.add_argument(
+        "--torch-version",
+        help="the torch that runs the step (its cuBLAS workspaces and SDPA kernels); default: the one installed",
+    )
     _add_bitsandbytes(estimate)
     _add_transformers(estimate)
     estimate.add_argument("--json", action="store_true")
@@ -201,7 +205,9 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
             "Not an OOM message, and no --config to estimate: nothing to suggest.",
         )
         return EXIT_OK
-    evidence = Evidence(cfg, message, postmortem, snapshot, _capacity(args), torch_version, bitsandbytes, transformers)
+    evidence = Evidence(
+        cfg, message, postmortem, snapshot, _capacity(args), torch_version, bitsandbytes, transformers, args.gpu
+    )
     items = suggest(evidence)
     text = "\n".join(
         f"{i}. [{s.category}] {s.change}\n   saves {human_bytes(s.saves_bytes)}"
@@ -246,21 +252,25 @@ def _recorded(run: str, db_url: str | None):
     return evidence_for_run(dataclasses.asdict(record), config, environment)
 
 
-def _estimate(cfg, traced: bool, device: str, versions: dict[str, str | None]):
+def _estimate(cfg, traced: bool, device: str, versions: dict[str, str | None], gpu: str | None = None):
     if traced:
         from diagnosis.traced import estimate_traced
 
-        return estimate_traced(cfg, device=device, **versions)
+        return estimate_traced(cfg, device=device, gpu=gpu, **versions)
     from diagnosis.analytic import estimate_analytic
 
-    return estimate_analytic(cfg, device=device, **versions)
+    return estimate_analytic(cfg, device=device, gpu=gpu, **versions)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     cfg = _config(args, required=True)
     capacity = _capacity(args)
-    versions = {"bitsandbytes": args.bitsandbytes_version, "transformers": args.transformers_version}
-    result = _estimate(cfg, args.traced, args.device, versions)
+    versions = {
+        "bitsandbytes": args.bitsandbytes_version,
+        "transformers": args.transformers_version,
+        "torch": args.torch_version,
+    }
+    result = _estimate(cfg, args.traced, args.device, versions, args.gpu)
     data = result.to_json(capacity)
     lines = [f"peak allocated  {human_bytes(result.peak_allocated_bytes)}  ({result.mode}, at {result.peak_phase})"]
     lines += [f"  {key:<18}{human_bytes(value)}" for key, value in data["breakdown"].items()]
@@ -286,10 +296,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         text = f"Nothing fits in {human_bytes(capacity)}: {result.reason}"
     else:
         peak = f" (device {human_bytes(result.estimate.device_bytes)})" if result.estimate else ""
-        text = (
-            f"Largest {args.knob} that fits in {human_bytes(capacity)}: {result.value:,}{peak}\n"
-            f"  {result.reason}"
-        )
+        text = f"Largest {args.knob} that fits in {human_bytes(capacity)}: {result.value:,}{peak}\n  {result.reason}"
     _emit(result.to_json(), args.json, text)
     return EXIT_OK
 

@@ -27,6 +27,7 @@ BREAKDOWN_KEYS = (
     "activations",  # tensors saved for backward and alive at the peak
     "logits_loss",  # logits, their fp32 upcast and the loss's temporaries
     "transient",  # short-lived workspace at the peak (attention scores being built, optimizer temporaries)
+    "workspaces",  # cuBLAS/cuBLASLt workspaces PyTorch keeps in its allocator (CUDA only; diagnosis.workspaces)
 )
 
 
@@ -49,7 +50,8 @@ class MemoryEstimate:
     peak_phase: str
     # Allocator rounding and cache at the peak (peak reserved − peak allocated).
     allocator_overhead_bytes: int = 0
-    # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: in nvidia-smi, outside PyTorch's stats.
+    # CUDA context, cuDNN workspaces, NCCL buffers: in nvidia-smi, outside PyTorch's stats (cuBLAS's
+    # workspaces are PyTorch allocations: the breakdown's "workspaces").
     runtime_overhead_bytes: int = 0
     # Persistent totals whatever the moment (a component can be smaller at the peak, e.g. gradients
     # freed by zero_grad before the forward that peaks): what suggestions about states quote.

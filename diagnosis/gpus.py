@@ -22,6 +22,8 @@ class Gpu:
     name: str
     capacity_bytes: int
     aliases: tuple[str, ...] = ()
+    # CUDA compute capability: it sets the cuBLAS workspace PyTorch keeps (diagnosis.workspaces).
+    compute_capability: tuple[int, int] | None = None
 
 
 def _gib(value: float) -> int:
@@ -29,20 +31,20 @@ def _gib(value: float) -> int:
 
 
 GPUS: tuple[Gpu, ...] = (
-    Gpu("A100 40GB", _gib(39.39), ("a100 40gb", "a100-sxm4-40gb")),
-    Gpu("A100 80GB", _gib(79.15), ("a100 80gb", "a100-sxm4-80gb")),
-    Gpu("A800 80GB", _gib(79.15), ("a800", "a800 80gb")),
-    Gpu("H100 80GB", _gib(79.11), ("h100", "h100 80gb", "h100 sxm", "h100 80gb hbm3")),
-    Gpu("H200 141GB", _gib(139.80), ("h200", "h200 141gb")),
-    Gpu("L40S 48GB", _gib(44.52), ("l40s", "l40s 48gb")),
-    Gpu("L4 24GB", _gib(22.03), ("l4", "l4 24gb")),
-    Gpu("A10G 24GB", _gib(22.06), ("a10g", "a10g 24gb")),
-    Gpu("T4 16GB", _gib(14.75), ("t4", "t4 16gb", "tesla t4")),
-    Gpu("V100 16GB", _gib(15.77), ("v100 16gb", "v100-sxm2-16gb")),
-    Gpu("V100 32GB", _gib(31.75), ("v100 32gb", "v100-sxm2-32gb")),
-    Gpu("RTX 3090 24GB", _gib(23.69), ("3090", "rtx 3090", "geforce rtx 3090")),
-    Gpu("RTX 4090 24GB", _gib(23.64), ("4090", "rtx 4090", "geforce rtx 4090")),
-    Gpu("RTX 5090 32GB", _gib(31.36), ("5090", "rtx 5090", "geforce rtx 5090")),
+    Gpu("A100 40GB", _gib(39.39), ("a100 40gb", "a100-sxm4-40gb"), compute_capability=(8, 0)),
+    Gpu("A100 80GB", _gib(79.15), ("a100 80gb", "a100-sxm4-80gb"), compute_capability=(8, 0)),
+    Gpu("A800 80GB", _gib(79.15), ("a800", "a800 80gb"), compute_capability=(8, 0)),
+    Gpu("H100 80GB", _gib(79.11), ("h100", "h100 80gb", "h100 sxm", "h100 80gb hbm3"), compute_capability=(9, 0)),
+    Gpu("H200 141GB", _gib(139.80), ("h200", "h200 141gb"), compute_capability=(9, 0)),
+    Gpu("L40S 48GB", _gib(44.52), ("l40s", "l40s 48gb"), compute_capability=(8, 9)),
+    Gpu("L4 24GB", _gib(22.03), ("l4", "l4 24gb"), compute_capability=(8, 9)),
+    Gpu("A10G 24GB", _gib(22.06), ("a10g", "a10g 24gb"), compute_capability=(8, 6)),
+    Gpu("T4 16GB", _gib(14.75), ("t4", "t4 16gb", "tesla t4"), compute_capability=(7, 5)),
+    Gpu("V100 16GB", _gib(15.77), ("v100 16gb", "v100-sxm2-16gb"), compute_capability=(7, 0)),
+    Gpu("V100 32GB", _gib(31.75), ("v100 32gb", "v100-sxm2-32gb"), compute_capability=(7, 0)),
+    Gpu("RTX 3090 24GB", _gib(23.69), ("3090", "rtx 3090", "geforce rtx 3090"), compute_capability=(8, 6)),
+    Gpu("RTX 4090 24GB", _gib(23.64), ("4090", "rtx 4090", "geforce rtx 4090"), compute_capability=(8, 9)),
+    Gpu("RTX 5090 32GB", _gib(31.36), ("5090", "rtx 5090", "geforce rtx 5090"), compute_capability=(12, 0)),
 )
 
 
@@ -92,3 +94,14 @@ def find_gpu(name: str) -> Gpu:
 
 def gpu_capacity_bytes(name: str) -> int:
     return find_gpu(name).capacity_bytes
+
+
+def compute_capability_of(name: str | None) -> tuple[int, int] | None:
+    """The card's compute capability, None for no name or one not in the table (the estimate then
+    says which card it assumed)."""
+    if not name:
+        return None
+    try:
+        return find_gpu(name).compute_capability
+    except UnknownGpuError:
+        return None

@@ -101,6 +101,18 @@ SRC_GPT_BIGCODE_NO_CHECKPOINTING = (
     "succeeds and nothing is recomputed; transformers#41818 restored it in 5.0"
 )
 
+# From 4.54 transformers hands SDPA grouped-query attention as it is (`enable_gqa=True`, no
+# repeat_kv) when there is no attention mask, on torch >= 2.5. On CUDA only the flash kernel takes
+# enable_gqa, and it takes 16-bit inputs only: fp32 q/k/v go to the math kernel, which keeps the
+# b·a·s² probabilities like eager attention. Measured on an H100 (torch 2.11, tests/fixtures/gpu/):
+# tiny-llama's fp32 sdpa step peaked at exactly its eager step's bytes.
+TRANSFORMERS_SDPA_ENABLE_GQA = (4, 54, 0)
+TORCH_SDPA_ENABLE_GQA = (2, 5)
+SRC_SDPA_GQA_MATH = (
+    "transformers integrations/sdpa_attention.py use_gqa_in_sdpa (4.54+); torch sdp_utils.cpp: "
+    "memory-efficient attention refuses enable_gqa, flash takes fp16/bf16 only; measured on an H100, torch 2.11"
+)
+
 # A version that names today's release, for a reader that must not fall back on this machine's.
 LATEST = "latest"
 
@@ -167,6 +179,13 @@ def ignores_checkpointing(model_type: str, transformers: str | None) -> bool:
     return model_type == "gpt_bigcode" and parsed is not None and lost <= parsed < restored
 
 
+def sdpa_gqa_takes_math_kernel(transformers: str | None, torch: str | None) -> bool:
+    """Whether fp32 SDPA with grouped-query attention runs CUDA's math kernel under these versions
+    (see TRANSFORMERS_SDPA_ENABLE_GQA); unknown versions are taken as current, which does."""
+    hf, pt = parse_version(transformers), parse_version(torch)
+    return (hf is None or hf >= TRANSFORMERS_SDPA_ENABLE_GQA) and (pt is None or pt >= TORCH_SDPA_ENABLE_GQA)
+
+
 def release(parts: tuple[int, ...]) -> str:
     """A version tuple as users type it (`0.43.2`), for the messages that name one."""
     return ".".join(str(part) for part in parts)
@@ -191,11 +210,26 @@ class Libraries:
 
     bitsandbytes: str | None = None
     transformers: str | None = None
+    torch: str | None = None
 
     @classmethod
-    def that_run(cls, *, bitsandbytes: str | None = None, transformers: str | None = None) -> Libraries:
+    def that_run(
+        cls, *, bitsandbytes: str | None = None, transformers: str | None = None, torch: str | None = None
+    ) -> Libraries:
         """The versions named, else those installed here."""
-        return cls(version_that_runs("bitsandbytes", bitsandbytes), version_that_runs("transformers", transformers))
+        return cls(
+            version_that_runs("bitsandbytes", bitsandbytes),
+            version_that_runs("transformers", transformers),
+            version_that_runs("torch", torch),
+        )
+
+    @property
+    def torch_release(self) -> tuple[int, ...] | None:
+        return parse_version(self.torch)
+
+    @property
+    def sdpa_gqa_takes_math_kernel(self) -> bool:
+        return sdpa_gqa_takes_math_kernel(self.transformers, self.torch)
 
     @property
     def bnb_keeps_matmul_input(self) -> bool:

@@ -132,6 +132,8 @@ class Evidence:
     bitsandbytes_version: str | None = None
     # The transformers that ran: its checkpointing and some models' loss dtype depend on it.
     transformers_version: str | None = None
+    # The card ("NVIDIA H100 80GB HBM3"): its compute capability sets the cuBLAS workspaces.
+    gpu_name: str | None = None
 
 
 def evidence_for_run(
@@ -164,6 +166,7 @@ def evidence_for_run(
         packages.get("torch"),
         packages.get("bitsandbytes"),
         packages.get("transformers"),
+        (environment or {}).get("device_name"),
     )
 
 
@@ -286,11 +289,15 @@ class _Context:
 
 
 def _estimate(ev: Evidence, estimator: Estimator, cfg: RunConfig, device: str, **versions: str) -> MemoryEstimate:
-    """`cfg` estimated with the library versions that ran, where the evidence names them."""
+    """`cfg` estimated with the library versions and the card that ran, where the evidence names them."""
     if ev.bitsandbytes_version and "bitsandbytes" not in versions:
         versions["bitsandbytes"] = ev.bitsandbytes_version
     if ev.transformers_version and "transformers" not in versions:
         versions["transformers"] = ev.transformers_version
+    if ev.torch_version and "torch" not in versions:
+        versions["torch"] = ev.torch_version
+    if ev.gpu_name and "gpu" not in versions:
+        versions["gpu"] = ev.gpu_name
     return estimator(cfg, device=device, **versions)
 
 

@@ -49,9 +49,11 @@ from diagnosis.analytic import (
     fsdp_keeps_input_gradients,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
+from diagnosis.gpus import compute_capability_of
 from diagnosis.libraries import CHECKPOINTING_LOST_AND_RESTORED, Libraries, LossLayout
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
+from diagnosis.workspaces import SRC_WORKSPACES, cublas_workspaces
 from trainer.config import RunConfig
 
 # CUDA_BLOCK_BYTES: the CUDA caching allocator hands out blocks in multiples of 512 bytes
@@ -188,12 +190,17 @@ class StepTracer(TorchDispatchMode):
     LM head on, backward until the LM head's input has its gradient), recomputing a checkpointed
     layer in backward (its tensors are activations), or anywhere else (transient)."""
 
-    def __init__(self, live: LiveBytes):
+    def __init__(self, live: LiveBytes, softmax_backward_temporary: bool = False):
         super().__init__()
         self.live = live
         self.phase = "setup"
         self.in_logits = False
         self.recomputing = 0
+        # CUDA's softmax backward makes `tmp = grad * output` before its kernel runs
+        # (aten/src/ATen/native/cuda/SoftMax.cu, softmax_backward_cuda_out): one more b·a·s²
+        # tensor at eager attention's backward peak, seen in the allocator's C++ stacks on an
+        # H100 (torch 2.11). The CPU's kernel makes none.
+        self.softmax_backward_temporary = softmax_backward_temporary
 
     def category(self) -> str:
         if self.in_logits:
@@ -201,6 +208,14 @@ class StepTracer(TorchDispatchMode):
         return "activations" if self.recomputing else "transient"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.softmax_backward_temporary and func is torch.ops.aten._softmax_backward_data.default:
+            temporary = torch.empty_like(args[0])
+            self.live.track(temporary, self.category())
+            out = func(*args, **(kwargs or {}))
+            self.live.track(out, self.category(), relabel=False)
+            self.live.observe(self.phase)
+            del temporary
+            return out
         out = func(*args, **(kwargs or {}))
         category = self.category()
         for leaf in tree_leaves(out):
@@ -581,14 +596,16 @@ def trace_steps(
     host_step_counters: bool = False,
     loss: LossLayout = LossLayout(),
     keep_cache: bool = False,
+    softmax_backward_temporary: bool = False,
 ) -> StepTrace:
     """Run `STEPS_TRACED` training steps of `model` (fake or real tensors) and measure the last.
 
     `host_step_counters`: AdamW keeps its `step` counters on the host unless fused or capturable,
-    so on CUDA they are no device memory.
+    so on CUDA they are no device memory. `softmax_backward_temporary`: count the temporary
+    CUDA's softmax backward makes (StepTracer).
     """
     live = LiveBytes(block_bytes)
-    tracer = StepTracer(live)
+    tracer = StepTracer(live, softmax_backward_temporary)
     observer = _Observer(model, tracer)
     scaler = scaler or _ScalerWithoutSync(cfg.train.mixed_precision == "fp16")
     if isinstance(optimizer, BitsandbytesStandIn):
@@ -733,7 +750,13 @@ _TRACE_LOCK = threading.Lock()
 
 
 def estimate_traced(
-    cfg: RunConfig, *, device: str = "cuda", bitsandbytes: str | None = None, transformers: str | None = None
+    cfg: RunConfig,
+    *,
+    device: str = "cuda",
+    bitsandbytes: str | None = None,
+    transformers: str | None = None,
+    torch: str | None = None,
+    gpu: str | None = None,
 ) -> MemoryEstimate:
     """Peak allocated bytes of one training step of `cfg` on `device` ("cuda" or "cpu"), traced.
 
@@ -741,9 +764,9 @@ def estimate_traced(
     (bitsandbytes cannot run under fake tensors on the CPU), so no bitsandbytes changes a trace; the
     trace runs no FSDP, so what FSDP1 keeps under a transformers that checkpoints reentrantly is
     only named in a note."""
-    libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers)
+    libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers, torch=torch)
     with _TRACE_LOCK:
-        estimate = _estimate_traced(cfg, device, libraries)
+        estimate = _estimate_traced(cfg, device, libraries, compute_capability_of(gpu))
     if fsdp_keeps_input_gradients(cfg, libraries.checkpoints_reentrantly):
         note = (
             "FSDP1 under reentrant checkpointing keeps every layer's input gradient to the end of backward: "
@@ -753,18 +776,34 @@ def estimate_traced(
     return estimate
 
 
-def _estimate_traced(cfg: RunConfig, device: str, libraries: Libraries) -> MemoryEstimate:
+def _estimate_traced(
+    cfg: RunConfig, device: str, libraries: Libraries, capability: tuple[int, int] | None
+) -> MemoryEstimate:
     on_cuda = device.startswith("cuda")
     try:
-        with _eager_transformers(), _cuda_kernels() if on_cuda else nullcontext():
+        with _eager_transformers(), _cuda_kernels(libraries) if on_cuda else nullcontext():
             trace, notes = _trace_fake(cfg, on_cuda, libraries)
     except DataDependentOutputException:
         # An architecture that reads tensor values where the runner's inputs would have answered;
         # its tracing path needs no values, at the price of the causal mask it materialises.
-        with _cuda_kernels() if on_cuda else nullcontext():
+        with _cuda_kernels(libraries) if on_cuda else nullcontext():
             trace, notes = _trace_values_free(cfg, on_cuda, libraries)
         notes.append("traced along transformers' tracing path: it builds a causal mask the runner may skip")
-    return _estimate(trace, cfg, on_cuda, notes)
+    return _estimate(trace, cfg, on_cuda, notes, _workspaces(cfg, libraries, capability) if on_cuda else None)
+
+
+def _workspaces(cfg: RunConfig, libraries: Libraries, capability: tuple[int, int] | None) -> Term:
+    """The cuBLAS workspaces the step's matmuls keep (diagnosis.workspaces); a model whose shape
+    cannot be read is taken as having no biased linear (1 MiB less on torch 2.9-2.11)."""
+    from diagnosis.architecture import ArchitectureError, shape_for
+
+    try:
+        shape = shape_for(cfg.model.name)
+        biased = shape.lm_head_bias or any(linear.bias for linear in shape.linear_layers())
+    except ArchitectureError:  # an architecture the analytic table lacks still traces
+        biased = False
+    kept = cublas_workspaces(capability, libraries.torch_release, biased and cfg.model.quantization == "none")
+    return Term("cuBLAS workspaces", kept.bytes, kept.formula, SRC_WORKSPACES)
 
 
 def _trace_values_free(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[StepTrace, list[str]]:
@@ -811,6 +850,7 @@ def _trace_fake(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[St
             lambda: torch.randint(0, vocab, (batch, seq_len)),
             block_bytes=cuda_block_bytes if on_cuda else exact_bytes,
             host_step_counters=on_cuda,
+            softmax_backward_temporary=on_cuda,
             loss=loss,
             keep_cache=keep_cache,
         )
@@ -840,15 +880,22 @@ def _eager_transformers() -> Iterator[None]:
 
 
 @contextmanager
-def _cuda_kernels() -> Iterator[None]:
+def _cuda_kernels(libraries: Libraries) -> Iterator[None]:
     """Where CUDA's kernels keep different tensors for backward than the CPU's, run CUDA's choice."""
-    with _cuda_dropout(), _cuda_sdpa_dropout():
+    with _cuda_dropout(), _cuda_sdpa(libraries.sdpa_gqa_takes_math_kernel):
         yield
 
 
 @contextmanager
-def _cuda_sdpa_dropout() -> Iterator[None]:
-    """Scaled dot-product attention with dropout as CUDA runs it.
+def _cuda_sdpa(gqa_takes_math: bool) -> Iterator[None]:
+    """Scaled dot-product attention as CUDA runs it: with dropout, and fp32 grouped-query attention.
+
+    fp32 with `enable_gqa` (transformers >= 4.54 with no mask, SRC_SDPA_GQA_MATH): only CUDA's flash
+    kernel takes enable_gqa and it takes 16-bit inputs only, so CUDA runs the math kernel, which
+    keeps the b·a·s² probabilities; the CPU's flash kernel takes both and would keep O(s). The trace
+    runs the math kernel there.
+
+    With dropout:
 
     On CUDA the flash and memory-efficient kernels take `dropout_p` themselves: their filters
     (`can_use_flash_attention`, `can_use_mem_efficient_attention` in
@@ -863,10 +910,20 @@ def _cuda_sdpa_dropout() -> Iterator[None]:
     original = torch.nn.functional.scaled_dot_product_attention
 
     def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if gqa_takes_math and kwargs.get("enable_gqa") and _dtype_under_autocast(query) == torch.float32:
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=kwargs.get("scale"), enable_gqa=True
+            )[0]
         return original(query, key, value, attn_mask, 0.0, is_causal, **kwargs)
 
     with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", fused):
         yield
+
+
+def _dtype_under_autocast(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype an autocast op computes `tensor` in (SDPA is on autocast's 16-bit list)."""
+    kind = tensor.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
 
 
 @contextmanager
@@ -913,8 +970,10 @@ def _notes(cfg: RunConfig, on_cuda: bool) -> list[str]:
             _CUDA_SDPA_DROPOUT_NOTE,
             f"every tensor's block rounded up to {CUDA_BLOCK_BYTES} bytes as the CUDA caching allocator does",
             reserve_note(),
-            "runtime overhead is the analytic mode's CUDA context (300 MiB); cuBLAS/cuDNN workspaces and NCCL "
-            "buffers are not counted",
+            "runtime overhead is the analytic mode's CUDA context (300 MiB); cuBLAS workspaces are counted in "
+            "peak allocated (PyTorch's allocator holds them), cuDNN's and NCCL buffers are not",
+            "CUDA's softmax backward makes grad × output before its kernel: one more b·a·s² tensor counted at "
+            "eager attention's backward",
         ]
     else:
         notes.append("exact storage bytes: the CPU allocator does not round")
@@ -1003,7 +1062,9 @@ def _gathered(cfg: RunConfig) -> tuple[Gathered, list[str]]:
     return gathered, [f"{gathered.name} ({gathered.formula}) are added to forward and backward"]
 
 
-def _estimate(trace: StepTrace, cfg: RunConfig, on_cuda: bool, notes: list[str]) -> MemoryEstimate:
+def _estimate(
+    trace: StepTrace, cfg: RunConfig, on_cuda: bool, notes: list[str], workspaces: Term | None = None
+) -> MemoryEstimate:
     rank = _per_rank(trace, cfg)
     peak_phase = max(rank.peaks, key=lambda phase: sum(rank.peaks[phase].values()))
     breakdown = {key: int(rank.peaks[peak_phase].get(key, 0)) for key in BREAKDOWN_KEYS}
@@ -1012,6 +1073,10 @@ def _estimate(trace: StepTrace, cfg: RunConfig, on_cuda: bool, notes: list[str])
     reserve = allocator_reserve_bytes(sum(breakdown.values())) if on_cuda else 0
     if reserve:
         terms.append(reserve_term(sum(breakdown.values())))
+    if workspaces:
+        # Held at every moment of a steady-state step: added to the peak, moving none.
+        breakdown["workspaces"] = workspaces.bytes
+        terms.append(workspaces)
     if runtime:
         terms.append(Term("CUDA context", runtime, "300 MiB", SRC_CONTEXT))
     return MemoryEstimate(

@@ -124,7 +124,9 @@ class Worker:
             on_drop=partial(add_dropped, self.engine, self.run_id),
         )
         self.sampler, nvml = _open_device_sampler(cfg, device, self.sink.put)
-        self.environment = describe_environment(device) | {"nvml": nvml}
+        # The card's name rides in the environment too: a post-mortem's estimates read its compute
+        # capability (the cuBLAS workspaces, diagnosis.workspaces) from there.
+        self.environment = describe_environment(device) | {"nvml": nvml, "device_name": name}
         update_run(
             self.engine,
             self.run_id,

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from collector.allocator import reading_from_stats
+from diagnosis.analytic import estimate_analytic
 from diagnosis.oom_text import parse_oom
 from diagnosis.snapshot import read_snapshot
+from trainer.config import validate_config
 
 GPU_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
 RECORDINGS = sorted(manifest.parent for manifest in GPU_FIXTURES.glob("*/manifest.json"))
@@ -81,3 +83,38 @@ def test_measured_steps_keep_reserved_at_or_above_allocated(folder):
     for row in rows:
         measured = row["measured"]
         assert measured["peak_reserved_bytes"] >= measured["peak_allocated_bytes"] > 0
+
+
+def measured_rows(folder: Path) -> list[dict]:
+    return [row for row in load(folder, "peaks.json") if "peak_allocated_bytes" in row["measured"]]
+
+
+@needs_recording
+@pytest.mark.parametrize("folder", RECORDINGS, ids=lambda p: p.name)
+def test_the_analytic_estimate_meets_every_measured_step(folder):
+    """Issue #4's targets are 5% median and 10% p90; on our own runner's steps we hold it to 2%.
+    The process had run other configs first, so a measured peak can hold 1 MiB of cuBLASLt
+    workspace a biased model left behind: well inside the tolerance."""
+    manifest = load(folder, "manifest.json")
+    for row in measured_rows(folder):
+        estimate = estimate_analytic(
+            validate_config(row["config"]), device="cuda", torch=manifest["torch"], gpu=manifest["gpu"]
+        )
+        measured = row["measured"]["peak_allocated_bytes"]
+        assert estimate.peak_allocated_bytes == pytest.approx(measured, rel=0.02), row["name"]
+
+
+@needs_recording
+@pytest.mark.parametrize("folder", RECORDINGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("name", ["tiny-llama-lora-sdpa", "tiny-gpt2-lora", "llama-3.2-1b-lora-bf16-2k"])
+def test_the_traced_estimate_meets_measured_steps(folder, name):
+    from diagnosis.traced import estimate_traced
+
+    manifest = load(folder, "manifest.json")
+    row = next((row for row in measured_rows(folder) if row["name"] == name), None)
+    if row is None:
+        pytest.skip(f"{folder.name} measured no {name}")
+    estimate = estimate_traced(
+        validate_config(row["config"]), device="cuda", torch=manifest["torch"], gpu=manifest["gpu"]
+    )
+    assert estimate.peak_allocated_bytes == pytest.approx(row["measured"]["peak_allocated_bytes"], rel=0.02)

@@ -59,8 +59,8 @@ def test_the_loss_layout_follows_the_release_that_moved_each_model_to_the_shared
 
 
 def test_named_versions_win_over_the_installed_ones():
-    named = Libraries.that_run(bitsandbytes="0.42.0", transformers="4.45.2")
-    assert named == Libraries(bitsandbytes="0.42.0", transformers="4.45.2")
+    named = Libraries.that_run(bitsandbytes="0.42.0", transformers="4.45.2", torch="2.4.1")
+    assert named == Libraries(bitsandbytes="0.42.0", transformers="4.45.2", torch="2.4.1")
     assert named.bnb_keeps_matmul_input and named.checkpoints_reentrantly
     assert Libraries.that_run().transformers == installed_version("transformers")
 

@@ -35,6 +35,7 @@ def test_the_fraction_is_the_median_and_its_range_spans_the_measurements():
 def test_the_reserve_is_added_on_cuda_and_not_on_the_cpu():
     cfg = validate_config({"model": {"name": "llama-2-7b", "dtype": "bf16"}, "data": {"seq_len": 2048}})
     cuda, cpu = estimate_analytic(cfg, device="cuda"), estimate_analytic(cfg, device="cpu")
-    assert cuda.peak_reserved_bytes - cuda.peak_allocated_bytes == round(cuda.peak_allocated_bytes * RESERVE_FRACTION)
+    tensors = cuda.peak_allocated_bytes - cuda.breakdown["workspaces"]  # whole segments of their own
+    assert cuda.peak_reserved_bytes - cuda.peak_allocated_bytes == round(tensors * RESERVE_FRACTION)
     assert cpu.peak_reserved_bytes == cpu.peak_allocated_bytes
     assert any(term.name == "caching allocator reserve at the peak" for term in cuda.terms)

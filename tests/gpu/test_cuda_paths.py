@@ -93,10 +93,12 @@ def test_the_estimators_meet_a_measured_steady_state_step():
 
     cfg = _config(PEAK_CONFIGS["llama-3.2-1b-lora-bf16-2k"])
     measured = measured_peak(cfg)
-    analytic = estimate_analytic(cfg, device="cuda")
-    traced = estimate_traced(cfg, device="cuda")
+    gpu = torch.cuda.get_device_name()
+    analytic = estimate_analytic(cfg, device="cuda", gpu=gpu)
+    traced = estimate_traced(cfg, device="cuda", gpu=gpu)
     peak = measured["peak_allocated_bytes"]
-    assert analytic.peak_allocated_bytes == pytest.approx(peak, rel=0.10), measured
-    assert traced.peak_allocated_bytes == pytest.approx(peak, rel=0.10), measured
+    # Issue #4's target is 10%; on the H100 (torch 2.11) both came within 0.1% (tests/fixtures/gpu/).
+    assert analytic.peak_allocated_bytes == pytest.approx(peak, rel=0.02), measured
+    assert traced.peak_allocated_bytes == pytest.approx(peak, rel=0.02), measured
     reserve = measured["peak_reserved_bytes"] / peak - 1
     print(f"measured reserve {reserve:.1%} against the modelled {analytic.allocator_overhead_bytes / peak:.1%}")
