@@ -22,6 +22,7 @@ PART_LABELS = {
     "activations": "activations",
     "logits_loss": "logits and loss",
     "transient": "transient buffers",
+    "workspaces": "cuBLAS workspaces",
 }
 _LEVEL_COLORS = {"peak reserved": "#72b7b2", "device (nvidia-smi)": "#b279a2", "capacity": "#e45756"}
 _LEGEND = alt.Legend(orient="bottom", title=None)

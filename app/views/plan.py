@@ -214,6 +214,7 @@ _COMPONENT_LABELS = {
     "activations": "Activations saved for backward",
     "logits_loss": "Logits and loss",
     "transient": "Transient workspace",
+    "workspaces": "cuBLAS workspaces",
 }
 # Which shape facts drive each component, for the sentence that explains a difference.
 _DRIVERS = {
@@ -223,6 +224,7 @@ _DRIVERS = {
     "activations": ("num_layers", "hidden_size", "intermediate_size", "num_heads"),
     "logits_loss": ("vocab_size",),
     "transient": ("num_heads", "intermediate_size", "vocab_size"),
+    "workspaces": (),  # the card's and the torch release's, not the model's
 }
 _SHAPE_LABELS = {
     "parameter_count": "parameters",
