@@ -206,6 +206,7 @@ def peaks(skip_traced: bool, progress: Callable[[list[dict[str, Any]]], None]) -
     from diagnosis.analytic import estimate_analytic
 
     rows = []
+    gpu = torch.cuda.get_device_name()
     for name, sections in PEAK_CONFIGS.items():
         cfg = _config(sections)
         row: dict[str, Any] = {"name": name, "config": cfg.to_dict()}
@@ -214,7 +215,7 @@ def peaks(skip_traced: bool, progress: Callable[[list[dict[str, Any]]], None]) -
         except torch.OutOfMemoryError as error:
             row["measured"] = {"error": str(error)}
             _release()
-        analytic = estimate_analytic(cfg, device="cuda", gpu=torch.cuda.get_device_name())
+        analytic = estimate_analytic(cfg, device="cuda", gpu=gpu)
         row["analytic"] = {
             "peak_allocated_bytes": analytic.peak_allocated_bytes,
             "peak_reserved_bytes": analytic.peak_reserved_bytes,
@@ -224,7 +225,7 @@ def peaks(skip_traced: bool, progress: Callable[[list[dict[str, Any]]], None]) -
             from diagnosis.traced import estimate_traced
 
             try:
-                traced = estimate_traced(cfg, device="cuda", gpu=torch.cuda.get_device_name())
+                traced = estimate_traced(cfg, device="cuda", gpu=gpu)
                 row["traced"] = {"peak_allocated_bytes": traced.peak_allocated_bytes, "breakdown": traced.breakdown}
             except Exception as error:  # noqa: BLE001 - recorded, not hidden
                 row["traced"] = {"error": f"{type(error).__name__}: {error}"}

@@ -1355,11 +1355,16 @@ def _fsdp_kept_input_gradients(run: _Run, cfg: RunConfig, acts: _Activations, re
     return (run.shape.num_layers - 1) * acts.per_layer  # per_layer is the checkpointed input under checkpointing
 
 
-def _workspaces(run: _Run, libraries: Libraries, capability: tuple[int, int] | None) -> Term | None:
-    if run.device != "cuda":
-        return None
-    biased = run.quantization == "none" and (
-        run.shape.lm_head_bias or any(linear.bias for linear in run.shape.linear_layers())
+def workspaces_term(
+    shape: ModelShape | None, quantization: str, libraries: Libraries, capability: tuple[int, int] | None
+) -> Term:
+    """The cuBLAS workspaces a CUDA step's matmuls keep (diagnosis.workspaces), for both estimators.
+    A biased linear adds the cuBLASLt one, unless bitsandbytes runs the linears; an unknown `shape`
+    is taken as having none (1 MiB less on torch 2.9-2.11)."""
+    biased = (
+        shape is not None
+        and quantization == "none"
+        and (shape.lm_head_bias or any(linear.bias for linear in shape.linear_layers()))
     )
     kept = cublas_workspaces(capability, libraries.torch_release, biased)
     return Term("cuBLAS workspaces", kept.bytes, kept.formula, SRC_WORKSPACES)
@@ -1430,7 +1435,7 @@ def _estimate(
     if reserve:
         terms.append(reserve_term(peak.total))
     # Held from the first step's backward on, at every moment: it moves no peak, it adds to each.
-    workspaces = _workspaces(run, libraries, capability)
+    workspaces = workspaces_term(shape, run.quantization, libraries, capability) if run.device == "cuda" else None
     breakdown = peak.breakdown | {"workspaces": workspaces.bytes if workspaces else 0}
     if workspaces:
         terms.append(workspaces)

@@ -47,13 +47,13 @@ from diagnosis.analytic import (
     SRC_BNB_8BIT,
     SRC_CONTEXT,
     fsdp_keeps_input_gradients,
+    workspaces_term,
 )
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate, Term
 from diagnosis.gpus import compute_capability_of
 from diagnosis.libraries import CHECKPOINTING_LOST_AND_RESTORED, Libraries, LossLayout
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
-from diagnosis.workspaces import SRC_WORKSPACES, cublas_workspaces
 from trainer.config import RunConfig
 
 # CUDA_BLOCK_BYTES: the CUDA caching allocator hands out blocks in multiples of 512 bytes
@@ -208,14 +208,10 @@ class StepTracer(TorchDispatchMode):
         return "activations" if self.recomputing else "transient"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        temporary = None
         if self.softmax_backward_temporary and func is torch.ops.aten._softmax_backward_data.default:
-            temporary = torch.empty_like(args[0])
+            temporary = torch.empty_like(args[0])  # alive with the op's output, freed after it
             self.live.track(temporary, self.category())
-            out = func(*args, **(kwargs or {}))
-            self.live.track(out, self.category(), relabel=False)
-            self.live.observe(self.phase)
-            del temporary
-            return out
         out = func(*args, **(kwargs or {}))
         category = self.category()
         for leaf in tree_leaves(out):
@@ -793,17 +789,13 @@ def _estimate_traced(
 
 
 def _workspaces(cfg: RunConfig, libraries: Libraries, capability: tuple[int, int] | None) -> Term:
-    """The cuBLAS workspaces the step's matmuls keep (diagnosis.workspaces); a model whose shape
-    cannot be read is taken as having no biased linear (1 MiB less on torch 2.9-2.11)."""
     from diagnosis.architecture import ArchitectureError, shape_for
 
     try:
         shape = shape_for(cfg.model.name)
-        biased = shape.lm_head_bias or any(linear.bias for linear in shape.linear_layers())
     except ArchitectureError:  # an architecture the analytic table lacks still traces
-        biased = False
-    kept = cublas_workspaces(capability, libraries.torch_release, biased and cfg.model.quantization == "none")
-    return Term("cuBLAS workspaces", kept.bytes, kept.formula, SRC_WORKSPACES)
+        shape = None
+    return workspaces_term(shape, cfg.model.quantization, libraries, capability)
 
 
 def _trace_values_free(cfg: RunConfig, on_cuda: bool, libraries: Libraries) -> tuple[StepTrace, list[str]]:
