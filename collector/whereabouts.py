@@ -1,24 +1,28 @@
 """Where the training step is at any moment: phase, micro-batch, batch shape and module.
 
-Phases, micro-batch and shape are plain assignments. The module comes from two places. In forward,
-a failure's own traceback holds the frames of every module it was inside (`position_at`): exact
-down to the projection or norm, and free until something fails. In backward the frames are the
-autograd engine's, so a marker hook on each innermost tracked module's output (attention, MLP,
-embeddings, head) says when backward enters it; modules are entered in reverse order, so entering
-one is leaving the previous one. Hooks never undo themselves on an exception, so the state still
-describes the failing spot.
+Phases, micro-batch and shape are plain assignments. The module comes from three places. In
+forward, a failure's own traceback holds the frames of every module it was inside (`position_at`):
+exact down to the projection or norm, and free until something fails. In backward the frames are
+the autograd engine's, so the module is read from the autograd graph once backward has failed
+(`locate_in_graph`): each innermost tracked module (attention, MLP, embeddings, head) notes its
+output's autograd node as forward creates it, and after the failure the nodes whose saved tensors
+backward has already freed show how far it got. Where gradient checkpointing recomputes layers
+inside backward, reading a saved tensor could recompute it, so those models keep a marker hook on
+each innermost module's output that says when backward enters it instead.
 
-Cost on an ordinary step: one forward hook call per innermost tracked module and one autograd hook
-per output that requires grad; nothing reads a tensor's value. Each autograd hook is ~14 µs of
-engine-to-Python call on the tiny Llama (CPU), and every hooked module leaves PyTorch's fast call
+Cost on an ordinary step: one forward hook call per innermost tracked module, which keeps a
+reference to a node (~1 µs); a marker costs ~35 µs more (an autograd hook that backward calls
+into Python, measured on the tiny Llama on the CPU). Every hooked module leaves PyTorch's fast call
 path, so blocks, projections and the forward stack (pre- and post-hooks on every module, with
-where backward leaves each) are followed only on the layer profiler's sampled steps (`detail`).
+where backward enters and leaves each) are followed only on the layer profiler's sampled steps
+(`detail`).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -108,6 +112,81 @@ def _is_adapter_part(name: str) -> bool:
     return any(part in _ADAPTER_PARTS for part in name.split("."))
 
 
+def _uses_gradient_checkpointing(model: torch.nn.Module) -> bool:
+    """transformers marks every checkpointed module with `gradient_checkpointing = True`."""
+    return any(getattr(module, "gradient_checkpointing", None) is True for module in model.modules())
+
+
+def _module_prefixes(module: str) -> tuple[str, ...]:
+    parts = module.split(".")
+    return tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
+
+
+# AccumulateGrad nodes carry the largest sequence number (they run as soon as they are ready);
+# they belong to no module's range.
+_NO_SEQUENCE = 2**62
+_SAVED_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _saved_fields(node: object) -> tuple[str, ...]:
+    """The attributes that unpack a node's saved tensors: `_saved_<x>` for each `_raw_saved_<x>`
+    (the SavedVariables; `_saved_<x>_sym_sizes` and the like are plain values), `saved_tensors`
+    for a Python autograd Function."""
+    kind = type(node)
+    if kind not in _SAVED_FIELDS:
+        raw = [name[len("_raw_saved_") :] for name in dir(node) if name.startswith("_raw_saved_")]
+        _SAVED_FIELDS[kind] = tuple("saved_tensors" if name == "tensors" else f"_saved_{name}" for name in raw)
+    return _SAVED_FIELDS[kind]
+
+
+def _has_run(node: object) -> bool | None:
+    """True once backward has run the node (it frees the saved tensors then), False while it holds
+    them, None if it saves none (nothing tells)."""
+    state = None
+    for field in _saved_fields(node):
+        try:
+            value = getattr(node, field)
+        except RuntimeError:  # "Trying to backward through the graph a second time": freed
+            return True
+        if isinstance(value, torch.Tensor) or isinstance(value, tuple) and value:
+            state = False
+    return state
+
+
+def _graph_nodes(roots: Iterable[object]) -> list[object]:
+    seen: dict[int, object] = {}  # holding each node keeps its Python wrapper, and so its id, unique
+    todo = list(roots)
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return list(seen.values())
+
+
+def locate_in_graph(roots: Iterable[object], module_ends: list[tuple[int, str | None]]) -> str | None:
+    """The module whose backward was running when backward failed, read from the graph it left.
+
+    Forward numbers autograd nodes in creation order (`_sequence_nr`), and backward runs the ready
+    node with the highest number first; a node's inputs in backward come from nodes created after
+    it, so when the node numbered s fails, every node numbered above s has run and none below. A
+    node that has run has freed its saved tensors, one that has not (or failed) still holds them:
+    the highest number still holding them is the failing node, or the nearest one below it when
+    the failing node saves nothing. `module_ends` holds, in creation order, the number of each
+    innermost module's output node and its name; a node belongs to the first module ending at or
+    after it, and past the last one (the loss) to none."""
+    highest_pending = -1
+    for node in _graph_nodes(roots):
+        number = node._sequence_nr()
+        if highest_pending < number < _NO_SEQUENCE and _has_run(node) is False:
+            highest_pending = number
+    if highest_pending < 0 or not module_ends:
+        return None
+    index = bisect.bisect_left([number for number, _ in module_ends], highest_pending)
+    return module_ends[index][1] if index < len(module_ends) else None
+
+
 @dataclass(frozen=True)
 class Position:
     """A copy of where the step was, taken at one moment."""
@@ -136,6 +215,11 @@ class Whereabouts:
         self._innermost: list[tuple[torch.nn.Module, str]] = []
         self._deep_modules: list[tuple[torch.nn.Module, str]] = []
         self._detailed = False  # the full set of hooks is attached (a profiled step)
+        # Ordinary steps without gradient checkpointing: (sequence number, module name, node) of
+        # each innermost module's output in this micro-batch's forward, read if backward fails.
+        self._graph_marks: list[tuple[int, str | None, object]] = []
+        self._reads_graph = False
+        self._model: torch.nn.Module | None = None
         # Every module of the tracked model by id, under the name a user knows (adapter parts under
         # the layer they adapt): how a failure's traceback is read back into module names.
         self._names_by_id: dict[int, str] = {}
@@ -151,6 +235,7 @@ class Whereabouts:
             self.micro_batch = micro_batch
         if phase == "forward":
             self._forward_stack.clear()
+            self._graph_marks.clear()  # the last micro-batch's graph is done with
         elif phase == "backward":
             self._backward_module = None
 
@@ -160,8 +245,9 @@ class Whereabouts:
     # --- modules -------------------------------------------------------------------------
     def track_modules(self, model: torch.nn.Module) -> None:
         """Ordinary steps get one forward post-hook on each innermost tracked module (attention,
-        MLP, embeddings, head), which marks where backward enters it; a forward failure is placed
-        by its traceback (`position_at`). `detail(True)` adds the full set for profiled steps."""
+        MLP, embeddings, head), which notes its output's autograd node (or, under gradient
+        checkpointing, marks where backward enters it); a forward failure is placed by its
+        traceback (`position_at`). `detail(True)` adds the full set for profiled steps."""
         self.remove()  # attaching again (another model, or the same) must not double the hooks
         self._deep_modules.clear()
         self._shallow_modules = []
@@ -184,11 +270,19 @@ class Whereabouts:
             if not any(other.startswith(shown + ".") for other in names)
         ]
         self._tracking = True
+        self._reads_graph = not _uses_gradient_checkpointing(model)
+        self._model = model
         self._attach_ordinary()
 
     def _attach_ordinary(self) -> None:
+        if not self._reads_graph:
+            for module, shown in self._innermost:
+                self._handles.append(module.register_forward_hook(self._enter_marker(shown)))
+            return
         for module, shown in self._innermost:
-            self._handles.append(module.register_forward_hook(self._enter_marker(shown)))
+            self._handles.append(module.register_forward_hook(self._graph_mark(shown)))
+        if self._model is not None:  # its own output (the loss) roots the graph past its last module
+            self._handles.append(self._model.register_forward_hook(self._graph_mark(None)))
 
     def _hook(self, module: torch.nn.Module, shown: str, *, backward: bool) -> list:
         return [
@@ -222,6 +316,8 @@ class Whereabouts:
         self._tracking = False
         self._detailed = False
         self._remove_handles()
+        self._graph_marks.clear()
+        self._model = None
 
     def _notify(self, event: str, name: str) -> None:
         for listener in self.listeners:
@@ -236,6 +332,17 @@ class Whereabouts:
                 self._notify("forward_enter", name)
             if backward:
                 _on_gradient_of(args, backward_exit)  # w.r.t. the input: this module's backward is done
+
+        return hook
+
+    def _graph_mark(self, name: str | None) -> Callable:
+        """Note the node that made the module's output; nothing runs in backward."""
+
+        def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            tensor = _first_grad_tensor(output)
+            node = tensor.grad_fn if tensor is not None else None
+            if node is not None:
+                self._graph_marks.append((node._sequence_nr(), name, node))
 
         return hook
 
@@ -298,21 +405,26 @@ class Whereabouts:
         module = self.module
         if module is None:
             return ()
-        parts = module.split(".")
-        return tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
+        return _module_prefixes(module)
 
     def position_at(self, error: BaseException | None) -> Position:
         """The position, with the module stack read from `error`'s traceback where it holds the
         model's frames: exact down to the projection or norm that failed, on any step (the hooks
         follow projections on profiled steps only). A forward failure always has those frames; a
-        backward one has them only inside a checkpointed layer's recomputation."""
+        backward one has them only inside a checkpointed layer's recomputation, and is otherwise
+        placed by the graph it left (`locate_in_graph`)."""
         position = self.position()
         if error is None or position.phase not in ("forward", "backward") or not self._names_by_id:
             return position
         stack = self._stack_in(error.__traceback__)
-        if not stack:
-            return position
-        return dataclasses.replace(position, module=stack[-1], module_stack=stack)
+        if stack:
+            return dataclasses.replace(position, module=stack[-1], module_stack=stack)
+        if position.phase == "backward" and self._graph_marks:
+            ends = sorted((number, name) for number, name, _ in self._graph_marks if name is not None)
+            module = locate_in_graph([node for _, _, node in self._graph_marks], ends)
+            if module is not None:
+                return dataclasses.replace(position, module=module, module_stack=_module_prefixes(module))
+        return position
 
     def _stack_in(self, tb: TracebackType | None) -> tuple[str, ...]:
         names: list[str] = []

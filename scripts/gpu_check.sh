@@ -24,7 +24,7 @@ for stage in $stages; do
   case $stage in
     tests)
       # Named paths: collecting the whole suite would import streamlit and playwright, which that machine lacks.
-      python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/gpu tests/collector/test_allocator.py 2>&1 \
+      python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/gpu tests/collector/test_allocator.py tests/collector/test_whereabouts.py 2>&1 \
         | tee "$OUT/pytest-gpu.log" || status=1 ;;
     record)
       python3 -m bench.gpu_record --out "$OUT/record" 2>&1 | tee "$OUT/record.log" || status=1 ;;

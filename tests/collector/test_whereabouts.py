@@ -1,7 +1,11 @@
+import sys
+from functools import partial
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from collector import whereabouts
 from collector.whereabouts import Whereabouts, display_name
 
 
@@ -46,29 +50,138 @@ def test_on_a_profiled_step_the_hooks_leave_the_failing_module_on_top():
     assert position.batch_shape == {"batch_size": 1, "seq_len": 16}
 
 
-def test_backward_names_the_module_whose_gradient_is_being_computed():
+class _AllocatesInBackward(torch.autograd.Function):
+    """Identity in forward; its backward asks the allocator for more than any machine has, so
+    backward fails there with the allocator's own error (the CPU's, or CUDA's out-of-memory).
+    With `save`, the node holds a saved tensor as most failing nodes do (a matmul's operands);
+    without, it saves nothing."""
+
+    @staticmethod
+    def forward(ctx, x, save):
+        if save:
+            ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.empty(1 << 60, dtype=torch.uint8, device=grad.device)  # "can't allocate memory" / "out of memory"
+        raise AssertionError("the allocation above should have failed")
+
+
+def _backward_failure(model, where, module, *, save=True):
+    """Run a step whose backward fails inside `module`'s backward; return the error."""
+    original = module.forward
+    module.forward = lambda *args, **kwargs: _AllocatesInBackward.apply(original(*args, **kwargs), save)
+    try:
+        ids = torch.randint(0, 128, (2, 16), device=model.device)
+        where.enter("forward", step=5, micro_batch=1)
+        loss = model(input_ids=ids, labels=ids).loss
+        where.enter("backward")
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            assert "can't allocate memory" in str(error) or "out of memory" in str(error)
+            return error
+        raise AssertionError("backward did not fail")
+    finally:
+        del module.forward
+
+
+def _failing_spots(model):
+    """(module to fail in, the innermost tracked module a user should be told), every layer."""
+    base = model.base_model.model if hasattr(model, "peft_config") else model
+    spots = [(base.lm_head, "lm_head")]
+    for index, layer in reversed(list(enumerate(base.model.layers))):
+        spots += [
+            (layer.mlp.down_proj, f"model.layers.{index}.mlp"),
+            (layer.mlp.act_fn, f"model.layers.{index}.mlp"),
+            (layer.mlp.up_proj, f"model.layers.{index}.mlp"),
+            (layer.self_attn.o_proj, f"model.layers.{index}.self_attn"),
+            (layer.self_attn.v_proj, f"model.layers.{index}.self_attn"),
+            (layer.self_attn.q_proj, f"model.layers.{index}.self_attn"),
+        ]
+    return spots
+
+
+_CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_backward_failure_on_an_ordinary_step_names_its_attention_or_mlp_from_the_graph(lora, device):
+    """On CUDA backward runs on the device's own thread, from the same ready-queue order."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama().to(device)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    where = Whereabouts()
+    where.track_modules(model)  # no detail(): what every step that is not profiled gets
+    for module, expected in _failing_spots(model):
+        for save in (True, False):
+            position = where.position_at(_backward_failure(model, where, module, save=save))
+            assert (position.phase, position.step, position.micro_batch) == ("backward", 5, 1)
+            assert position.module == expected, (module, save, position.module)
+            assert position.module_stack[-1] == expected and position.module_stack[0] == expected.split(".")[0]
+
+
+def _calls_into(filename, called, frame, event, arg):
+    if frame.f_code.co_filename == filename:
+        called.append(frame.f_code.co_name)
+
+
+def test_an_ordinary_step_runs_nothing_in_backward_and_keeps_only_this_micro_batchs_nodes():
     model = tiny_llama()
     where = Whereabouts()
     where.track_modules(model)
+    ids = torch.randint(0, 128, (1, 16))
+    for _ in range(2):
+        where.enter("forward", step=1)
+        loss = model(input_ids=ids, labels=ids).loss
+        # one node per innermost module (embeddings, 2 x attention and MLP, head) and one for the loss
+        assert len(where._graph_marks) == 1 + 2 * 2 + 1 + 1
+        where.enter("backward")
+        called = []  # every Python call into the tracker while backward runs (this thread: the CPU's)
+        sys.setprofile(partial(_calls_into, whereabouts.__file__, called))
+        try:
+            loss.backward()
+        finally:
+            sys.setprofile(None)
+        assert not called and where.module is None  # nothing follows backward as it runs
+    where.remove()
+    assert not where._graph_marks
+
+
+def test_under_gradient_checkpointing_backward_is_followed_by_markers_as_it_runs():
+    """Reading a saved tensor of a checkpointed layer would recompute it: those models keep the
+    markers, which say where backward is while it runs."""
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    where = Whereabouts()
+    where.track_modules(model)
     seen = {}
+
+    def probe(name):
+        def forward_hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: seen.__setitem__(name, where.module))
+
+        return forward_hook
+
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_hook(probe(f"model.layers.{index}.self_attn"))
+        layer.mlp.up_proj.register_forward_hook(probe(f"model.layers.{index}.mlp"))
     where.enter("forward", step=1)
-    out = model(input_ids=torch.randint(0, 128, (1, 16)), labels=torch.randint(0, 128, (1, 16)))
-    assert where.module is None  # forward finished: nothing is open
-
-    def record(name):
-        def hook(module, grad_input, grad_output):
-            seen[name] = where.module
-
-        return hook
-
-    # Full backward hooks run when the module's input gradients are computed, i.e. inside it.
-    model.model.layers[0].mlp.register_full_backward_hook(record("mlp0"))
-    where.enter("backward")
-    model.zero_grad()
-    out = model(input_ids=torch.randint(0, 128, (1, 16)), labels=torch.randint(0, 128, (1, 16)))
+    ids = torch.randint(0, 128, (1, 16))
+    out = model(input_ids=ids, labels=ids)
+    assert not where._graph_marks
     where.enter("backward")
     out.loss.backward()
-    assert seen["mlp0"] is not None and seen["mlp0"].startswith("model.layers.0")
+    assert len(seen) == 4 and all(module == name for name, module in seen.items()), seen
 
 
 def test_removed_hooks_stop_tracking():
@@ -114,31 +227,6 @@ def test_norms_and_rotary_tables_are_not_followed_and_attaching_twice_does_not_d
     where.detail(True)
     assert len(model.model.layers[0].mlp.down_proj._forward_pre_hooks) == 1
     assert not model.model.layers[0].input_layernorm._forward_pre_hooks
-
-
-def test_an_ordinary_step_names_each_attention_and_mlp_in_backward_exactly():
-    model = tiny_llama()
-    where = Whereabouts()
-    where.track_modules(model)  # no detail(): what every step that is not profiled gets
-    seen = {}
-
-    def probe(name):
-        """The gradient of a projection's output is computed inside its block's backward."""
-
-        def forward_hook(module, args, output):
-            output.register_hook(lambda grad: seen.__setitem__(name, where.module))
-
-        return forward_hook
-
-    for index, layer in enumerate(model.model.layers):
-        layer.self_attn.q_proj.register_forward_hook(probe(f"model.layers.{index}.self_attn"))
-        layer.mlp.up_proj.register_forward_hook(probe(f"model.layers.{index}.mlp"))
-    where.enter("forward", step=1)
-    ids = torch.randint(0, 128, (1, 16))
-    out = model(input_ids=ids, labels=ids)
-    where.enter("backward")
-    out.loss.backward()
-    assert len(seen) == 4 and all(module == name for name, module in seen.items()), seen
 
 
 def _fail(*args, **kwargs):
