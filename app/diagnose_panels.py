@@ -26,8 +26,9 @@ _PERSIST = {"persist_state": "session"}
 _SNAPSHOT = KEY + "snapshot_summary"  # (upload's file_id, SnapshotSummary or the message saying why not)
 
 
-def run_description() -> tuple[str | None, int | None, str | None]:
-    """The config (as YAML), the card's capacity and the torch version the user described, each optional."""
+def run_description() -> tuple[str | None, tuple[str, int] | None, str | None]:
+    """The config (as YAML), the card (its name and capacity) and the torch version the user
+    described, each optional."""
     kind = st.radio(
         "The run's config",
         (NONE, KNOBS, YAML),
@@ -54,7 +55,7 @@ def run_description() -> tuple[str | None, int | None, str | None]:
         placeholder="2.3.1",
         help="decides the allocator setting: expandable_segments from 2.1, max_split_size_mb before",
     ).strip()
-    return config_yaml, gpu[1] if gpu else None, version or None
+    return config_yaml, gpu, version or None
 
 
 def _issues(issues) -> None:

@@ -8,6 +8,8 @@ never changes.
 
 from __future__ import annotations
 
+from functools import partial
+
 import streamlit as st
 import yaml
 
@@ -24,13 +26,15 @@ def _config(config_yaml: str) -> RunConfig:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def analytic(config_yaml: str, device: str = "cuda") -> MemoryEstimate:
-    return estimate_analytic(_config(config_yaml), device=device)
+def analytic(config_yaml: str, device: str = "cuda", gpu: str | None = None) -> MemoryEstimate:
+    """`gpu`: the card's name (its compute capability sets the cuBLAS workspaces); None or a
+    name not in diagnosis.gpus' table: not known, and the estimate says what it assumed."""
+    return estimate_analytic(_config(config_yaml), device=device, gpu=gpu)
 
 
 @st.cache_data(show_spinner="Searching the longest sequence and the largest micro-batch that fit…", max_entries=64)
-def fits(config_yaml: str, capacity_bytes: int) -> tuple[FitRow, ...]:
-    return fit_table(_config(config_yaml), capacity_bytes)
+def fits(config_yaml: str, capacity_bytes: int, gpu: str | None = None) -> tuple[FitRow, ...]:
+    return fit_table(_config(config_yaml), capacity_bytes, estimator=partial(estimate_analytic, gpu=gpu))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -40,7 +44,10 @@ def suggestions(
     snapshot: dict | None,
     capacity_bytes: int | None,
     torch_version: str | None,
+    gpu_name: str | None = None,
 ) -> list[Suggestion]:
     """diagnosis.suggest over what the user gave; its what-ifs estimate the config a dozen times."""
     cfg = _config(config_yaml) if config_yaml is not None else None
-    return suggest(Evidence(cfg, message, None, snapshot, capacity_bytes, torch_version))
+    return suggest(
+        Evidence(cfg, message, None, snapshot, capacity_bytes, torch_version=torch_version, gpu_name=gpu_name)
+    )

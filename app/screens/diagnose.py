@@ -43,7 +43,7 @@ with upload:
         help="written by torch.cuda.memory._dump_snapshot(); read without running any code from it",
     )
 with st.expander("Describe the run (optional): each fix's saving becomes an estimate for your config and card"):
-    config_yaml, capacity, torch_version = panels.run_description()
+    config_yaml, card, torch_version = panels.run_description()
 
 text = (text or "").strip()
 if not text and snapshot_file is None:
@@ -76,7 +76,12 @@ if snapshot_file is not None:
 if message is not None or snapshot is not None:
     st.subheader("Fixes, best first")
     fixes = estimates.suggestions(
-        config_yaml, message, snapshot.to_json() if snapshot else None, capacity, torch_version
+        config_yaml,
+        message,
+        snapshot.to_json() if snapshot else None,
+        card[1] if card else None,
+        torch_version,
+        card[0] if card else None,
     )
     if fixes:
         suggestion_cards.cards(fixes)

@@ -10,7 +10,7 @@ from diagnosis.units import human_bytes
 from trainer.config import RunConfig
 
 KEY = "plan."
-_TRACED = "plan.traced_result"  # (config YAML, estimate or message) of the last traced estimate
+_TRACED = "plan.traced_result"  # ((config YAML, card), estimate or message) of the last traced estimate
 
 
 def _inputs() -> tuple[RunConfig | None, tuple[str, int] | None, dict | None]:
@@ -33,7 +33,7 @@ def _inputs() -> tuple[RunConfig | None, tuple[str, int] | None, dict | None]:
 
 def _estimate(cfg: RunConfig, gpu: tuple[str, int]) -> MemoryEstimate:
     label, capacity = gpu
-    estimate = estimates.analytic(cfg.to_yaml())
+    estimate = estimates.analytic(cfg.to_yaml(), gpu=label)
     fits, margin = view.margin_text(estimate, capacity)
     # Two by two: four metrics abreast in the results column cut their values short ("48.0 …").
     peak, reserved = st.columns(2)
@@ -46,7 +46,7 @@ def _estimate(cfg: RunConfig, gpu: tuple[str, int]) -> MemoryEstimate:
     card.metric(label, human_bytes(capacity), help="what a process can use on this card")
     (st.success if fits else st.error)(margin)
     st.altair_chart(diagnosis_charts.estimate_chart(estimate, capacity), width="stretch")
-    st.caption(f"The peak comes in the {estimate.peak_phase}. " + _lora_caption(cfg))
+    st.caption(f"The peak comes in the {estimate.peak_phase}. " + _lora_caption(cfg, label))
     for note in estimate.notes:
         st.caption(f"Note: {note}")
     with st.expander("Where each number comes from"):
@@ -61,15 +61,15 @@ def _estimate(cfg: RunConfig, gpu: tuple[str, int]) -> MemoryEstimate:
     return estimate
 
 
-def _device_bytes(cfg: RunConfig) -> int:
-    return estimates.analytic(cfg.to_yaml()).device_bytes
-
-
-def _lora_caption(cfg: RunConfig) -> str:
+def _lora_caption(cfg: RunConfig, card: str) -> str:
     if cfg.lora is None:
         return "Full fine-tuning: every weight has a gradient and optimizer states."
-    alpha = view.alpha_change_bytes(cfg, _device_bytes)
-    halved = view.halved_r_saving(cfg, _device_bytes)
+
+    def device_bytes(changed: RunConfig) -> int:
+        return estimates.analytic(changed.to_yaml(), gpu=card).device_bytes
+
+    alpha = view.alpha_change_bytes(cfg, device_bytes)
+    halved = view.halved_r_saving(cfg, device_bytes)
     parts = []
     if alpha == 0:
         parts.append(
@@ -84,7 +84,7 @@ def _lora_caption(cfg: RunConfig) -> str:
 def _fits(cfg: RunConfig, gpu: tuple[str, int]) -> None:
     label, capacity = gpu
     st.subheader(f"What fits on {label}")
-    rows = estimates.fits(cfg.to_yaml(), capacity)
+    rows = estimates.fits(cfg.to_yaml(), capacity, gpu=label)
     mine = rows[0]  # "as is": the knobs above, unchanged
     longest, largest = st.columns(2)
     longest.metric(
@@ -119,7 +119,7 @@ def _side_by_side(cfg: RunConfig, analytic: MemoryEstimate, values: dict, gpu: t
                 st.warning(f"`{issue.key}` on the second model: {issue.message}", icon=":material/error:")
             return
         label, capacity = gpu
-        other_estimate = estimates.analytic(other.to_yaml())
+        other_estimate = estimates.analytic(other.to_yaml(), gpu=label)
         names = (_short_name(cfg.model.name), _short_name(other_name))
         if names[0] == names[1]:
             names = (f"{names[0]} (1)", f"{names[1]} (2)")
@@ -138,9 +138,11 @@ def _short_name(name: str) -> str:
     return "uploaded config.json" if name.endswith(".json") else name
 
 
-def _traced(cfg: RunConfig, analytic: MemoryEstimate, capacity: int) -> None:
+def _traced(cfg: RunConfig, analytic: MemoryEstimate, gpu: tuple[str, int]) -> None:
+    label, capacity = gpu
     st.subheader("Traced estimate")
     config_yaml = cfg.to_yaml()
+    asked = (config_yaml, label)  # the card sets the cuBLAS workspaces the trace adds
     if st.button(
         "Run the traced estimate (slow)",
         icon=":material/science:",
@@ -152,17 +154,17 @@ def _traced(cfg: RunConfig, analytic: MemoryEstimate, capacity: int) -> None:
 
         with st.spinner("Tracing one training step of the real model under fake tensors…"):
             try:
-                st.session_state[_TRACED] = (config_yaml, estimate_traced(cfg))
+                st.session_state[_TRACED] = (asked, estimate_traced(cfg, gpu=label))
             except TracedEstimateUnsupported as error:
-                st.session_state[_TRACED] = (config_yaml, f"The traced estimate cannot model this config: {error}")
+                st.session_state[_TRACED] = (asked, f"The traced estimate cannot model this config: {error}")
             except Exception as error:  # noqa: BLE001 - transformers can fail in many ways; the analytic one stands
                 st.session_state[_TRACED] = (
-                    config_yaml,
+                    asked,
                     f"The traced estimate failed ({type(error).__name__}: {error}); the analytic one above stands.",
                 )
     done = st.session_state.get(_TRACED)
-    if done is None or done[0] != config_yaml:
-        st.caption("Not run for these knobs yet.")
+    if done is None or done[0] != asked:
+        st.caption("Not run for these knobs and this card yet.")
         return
     result = done[1]
     if isinstance(result, str):
@@ -190,6 +192,6 @@ with results:
         analytic = _estimate(cfg, gpu)
         _fits(cfg, gpu)
         _side_by_side(cfg, analytic, values, gpu)
-        _traced(cfg, analytic, gpu[1])
+        _traced(cfg, analytic, gpu)
         with st.expander("The config estimated (`--config` for `python -m diagnosis estimate`)"):
             st.code(cfg.to_yaml(), language="yaml")
