@@ -5,12 +5,14 @@ run's sequence of requests allows, so it is taken from measurements, not derived
 are real memory snapshots recorded by other people on real GPUs (`tests/fixtures/snapshots/`, the
 team's shared set), read with `diagnosis.snapshot`: for each, the trace's highest reserved figure
 over its highest allocated figure, which is what `max_memory_reserved() / max_memory_allocated()`
-reports for the same stretch.
+reports for the same stretch. Beside them, the runner's own training steps recorded on a lent GPU
+(tests/fixtures/gpu/…/peaks.json, bench/gpu_record.py): `max_memory_reserved() /
+max_memory_allocated()` over one steady-state step, peaks reset after warm-up.
 
-Which snapshots count: those whose allocation trace contains a peak of at least 1 GiB. Left out:
-peaks of megabytes (JasperSolt, HugePandaCoder: a 20 MiB segment is a fifth of them, which says
-nothing about a fine-tune), a trace of one event (Yiyi-philosophy: the state at the dump, not a
-peak), and snapshots without a trace (Muduard, albi2, SunnySood80, volcengine).
+Which count: those with a peak of at least 1 GiB. Left out: peaks of megabytes (JasperSolt,
+HugePandaCoder, the recorded tiny models: a 20 MiB segment is a fifth of them, which says nothing
+about a fine-tune), a trace of one event (Yiyi-philosophy: the state at the dump, not a peak), and
+snapshots without a trace (Muduard, albi2, SunnySood80, volcengine).
 
 The estimate applies the median ratio. Its spread is the model's error and is said with the
 number: a run within that margin of its capacity may or may not fit. `expandable_segments:True`
@@ -27,19 +29,22 @@ from diagnosis.estimate import Term
 
 @dataclass(frozen=True)
 class ReserveMeasurement:
-    fixture: str
+    fixture: str  # a snapshot in tests/fixtures/snapshots, or a recording's peaks.json in tests/fixtures/gpu
     source: str
     what_ran: str
     peak_allocated_bytes: int
     peak_reserved_bytes: int
+    row: str | None = None  # the peaks.json row a recorded measurement comes from
 
     @property
     def ratio(self) -> float:
         return self.peak_reserved_bytes / self.peak_allocated_bytes
 
 
-# The figures are `diagnosis.snapshot`'s reading of each file
+# The figures are `diagnosis.snapshot`'s reading of each snapshot and the recording's own numbers
 # (tests/diagnosis/test_reserve.py reads them again and compares).
+_H100_RECORDING = "torch-2.11.0-cu130-NVIDIA-H100-80GB-HBM3/peaks.json"
+_H100_SOURCE = "oomlens' runner on an NVIDIA H100 80GB HBM3, torch 2.11.0+cu130 (bench/gpu_record.py, 2026-11-23)"
 RESERVE_MEASUREMENTS = (
     ReserveMeasurement(
         "kkaitlyn111__cs336-a2-systems__9aa5e31a12__memory_ctx128_fullstep.pickle.gz",
@@ -69,6 +74,38 @@ RESERVE_MEASUREMENTS = (
         4_434_803_008,
         4_439_670_784,
     ),
+    ReserveMeasurement(
+        _H100_RECORDING,
+        _H100_SOURCE,
+        "LoRA r16 training step of llama-3.2-1b, bf16, sdpa, 2 x 2,048 tokens",
+        15_174_653_952,
+        16_397_631_488,
+        row="llama-3.2-1b-lora-bf16-2k",
+    ),
+    ReserveMeasurement(
+        _H100_RECORDING,
+        _H100_SOURCE,
+        "LoRA r16 training step of llama-3.2-1b, bf16, gradient checkpointing, 2 x 4,096 tokens",
+        15_794_968_576,
+        18_578_669_568,
+        row="llama-3.2-1b-lora-bf16-4k-checkpointing",
+    ),
+    ReserveMeasurement(
+        _H100_RECORDING,
+        _H100_SOURCE,
+        "full fine-tuning step of qwen2.5-0.5b, bf16, AdamW, 4 x 1,024 tokens",
+        16_186_875_904,
+        18_224_250_880,
+        row="qwen2.5-0.5b-full-bf16-1k",
+    ),
+    ReserveMeasurement(
+        _H100_RECORDING,
+        _H100_SOURCE,
+        "full fine-tuning step of llama-3.2-1b, fp32 weights with bf16 autocast, AdamW, 2 x 1,024 tokens",
+        24_797_317_120,
+        28_846_325_760,
+        row="llama-3.2-1b-full-amp-1k",
+    ),
 )
 
 _RATIOS = sorted(m.ratio for m in RESERVE_MEASUREMENTS)
@@ -76,8 +113,9 @@ RESERVE_FRACTION = statistics.median(_RATIOS) - 1
 RESERVE_FRACTION_RANGE = (_RATIOS[0] - 1, _RATIOS[-1] - 1)
 
 SRC_RESERVE = (
-    f"median peak reserved / peak allocated of {len(RESERVE_MEASUREMENTS)} real CUDA snapshots with a traced peak "
-    f"≥ 1 GiB (diagnosis/reserve.py): " + ", ".join(f"{r - 1:+.1%}" for r in _RATIOS)
+    f"median peak reserved / peak allocated of {len(RESERVE_MEASUREMENTS)} real CUDA measurements with a peak "
+    f"≥ 1 GiB, snapshots recorded by others and the runner's own steps on an H100 (diagnosis/reserve.py): "
+    + ", ".join(f"{r - 1:+.1%}" for r in _RATIOS)
 )
 
 
@@ -107,6 +145,6 @@ def reserve_note() -> str:
     low, high = RESERVE_FRACTION_RANGE
     return (
         f"allocator reserve {RESERVE_FRACTION:.1%} of peak allocated: the median of {len(RESERVE_MEASUREMENTS)} real "
-        f"snapshots, which range {low:.1%} to {high:.1%}; a run whose estimate is within that margin of the "
+        f"CUDA measurements, which range {low:.1%} to {high:.1%}; a run whose estimate is within that margin of the "
         "capacity may or may not fit (expandable_segments reserves less)"
     )

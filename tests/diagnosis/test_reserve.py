@@ -3,6 +3,8 @@ the snapshot reader finds in the files, and the estimators apply the median on C
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,13 @@ from diagnosis.reserve import RESERVE_FRACTION, RESERVE_FRACTION_RANGE, RESERVE_
 from diagnosis.snapshot import read_snapshot
 from trainer.config import validate_config
 
-LOCAL = Path(__file__).resolve().parents[1] / "fixtures" / "snapshots"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+LOCAL = FIXTURES / "snapshots"
+SNAPSHOTS = [m for m in RESERVE_MEASUREMENTS if m.row is None]
+RECORDED = [m for m in RESERVE_MEASUREMENTS if m.row is not None]
 
 
-@pytest.mark.parametrize("measurement", RESERVE_MEASUREMENTS, ids=lambda m: m.fixture.split("__")[0])
+@pytest.mark.parametrize("measurement", SNAPSHOTS, ids=lambda m: m.fixture.split("__")[0])
 def test_each_measurement_is_what_the_snapshot_reader_finds_in_its_file(measurement):
     summary = read_snapshot(LOCAL / measurement.fixture)
     (device,) = [d for d in summary.devices if d.timeline and d.timeline.events]
@@ -24,9 +29,21 @@ def test_each_measurement_is_what_the_snapshot_reader_finds_in_its_file(measurem
     assert measurement.peak_allocated_bytes >= 1024**3  # the selection rule in the module's docstring
 
 
+@pytest.mark.parametrize("measurement", RECORDED, ids=lambda m: m.row)
+def test_each_recorded_measurement_is_the_recordings_own_steady_state_step(measurement):
+    rows = {row["name"]: row for row in json.loads((FIXTURES / "gpu" / measurement.fixture).read_text())}
+    measured = rows[measurement.row]["measured"]
+    assert measured["peak_allocated_bytes"] == measurement.peak_allocated_bytes
+    assert measured["peak_reserved_bytes"] == measurement.peak_reserved_bytes
+    assert measurement.peak_allocated_bytes >= 1024**3  # the same selection rule
+    small = [row for row in rows.values() if row["measured"]["peak_allocated_bytes"] < 1024**3]
+    assert small and not any(m.row in {row["name"] for row in small} for m in RECORDED)  # the tiny models stay out
+
+
 def test_the_fraction_is_the_median_and_its_range_spans_the_measurements():
     ratios = sorted(m.ratio - 1 for m in RESERVE_MEASUREMENTS)
-    assert RESERVE_FRACTION == pytest.approx((ratios[1] + ratios[2]) / 2)
+    assert len(SNAPSHOTS) == 4 and len(RECORDED) == 4
+    assert RESERVE_FRACTION == pytest.approx(statistics.median(ratios))
     assert RESERVE_FRACTION_RANGE == (ratios[0], ratios[-1])
     assert 0 < RESERVE_FRACTION < 0.2
     assert "measured" in reserve_term(10**9).formula
