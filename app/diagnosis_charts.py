@@ -12,18 +12,9 @@ import altair as alt
 import pandas as pd
 
 from app.charts import byte_unit
-from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate
+from diagnosis.estimate import BREAKDOWN_KEYS, BREAKDOWN_LABELS, MemoryEstimate
 from diagnosis.snapshot import Timeline
 
-PART_LABELS = {
-    "parameters": "parameters",
-    "gradients": "gradients",
-    "optimizer_states": "optimizer states",
-    "activations": "activations",
-    "logits_loss": "logits and loss",
-    "transient": "transient buffers",
-    "workspaces": "cuBLAS workspaces",
-}
 _LEVEL_COLORS = {"peak reserved": "#72b7b2", "device (nvidia-smi)": "#b279a2", "capacity": "#e45756"}
 _LEGEND = alt.Legend(orient="bottom", title=None)
 
@@ -42,7 +33,7 @@ def estimate_chart(
     """The peak allocated bytes stacked by component, with reserved, device and the card as ticks."""
     marks = levels(estimate, capacity_bytes)
     unit = byte_unit(max([estimate.peak_allocated_bytes, *marks.values()]))
-    order = [PART_LABELS[key] for key in BREAKDOWN_KEYS]
+    order = [BREAKDOWN_LABELS[key] for key in BREAKDOWN_KEYS]
     parts = pd.DataFrame(
         {
             "bar": "peak allocated",
@@ -91,9 +82,9 @@ def compare_chart(
     """Several estimates (analytic and traced, or two models) as stacked bars on one axis."""
     largest = max(estimate.device_bytes for estimate in estimates.values())
     unit = byte_unit(max(largest, capacity_bytes or 0))
-    order = [PART_LABELS[key] for key in BREAKDOWN_KEYS]
+    order = [BREAKDOWN_LABELS[key] for key in BREAKDOWN_KEYS]
     rows = [
-        (name, PART_LABELS[key], estimate.breakdown[key] / unit.size, index)
+        (name, BREAKDOWN_LABELS[key], estimate.breakdown[key] / unit.size, index)
         for name, estimate in estimates.items()
         for index, key in enumerate(BREAKDOWN_KEYS)
     ]

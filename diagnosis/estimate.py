@@ -29,6 +29,18 @@ BREAKDOWN_KEYS = (
     "transient",  # short-lived workspace at the peak (attention scores being built, optimizer temporaries)
     "workspaces",  # cuBLAS/cuBLASLt workspaces PyTorch keeps in its allocator (CUDA only; diagnosis.workspaces)
 )
+# What each component is called wherever a person reads it (charts, tables, sentences), so every
+# page names the same bytes the same way.
+BREAKDOWN_LABELS = {
+    "parameters": "Parameters",
+    "gradients": "Gradients",
+    "optimizer_states": "Optimizer states",
+    "activations": "Activations saved for backward",
+    "logits_loss": "Logits and loss",
+    "transient": "Transient buffers",
+    "workspaces": "cuBLAS workspaces",
+}
+assert tuple(BREAKDOWN_LABELS) == BREAKDOWN_KEYS
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from diagnosis.architecture import ArchitectureError, ModelShape, shape_for, shape_from_config_dict
-from diagnosis.estimate import MemoryEstimate
+from diagnosis.estimate import BREAKDOWN_LABELS, MemoryEstimate
 from diagnosis.fit import FitResult, FitRow
 from diagnosis.reserve import RESERVE_FRACTION, RESERVE_FRACTION_RANGE, reserve_shortfall_at_worst
 from diagnosis.units import human_bytes
@@ -205,17 +205,13 @@ def fit_frame(rows: Sequence[FitRow], cfg: RunConfig) -> pd.DataFrame:
     )
 
 
+def _in_a_sentence(label: str) -> str:
+    """"Logits and loss" → "logits and loss"; "cuBLAS workspaces" stays as it is."""
+    return label[:1].lower() + label[1:]
+
+
 # Scenario 5: two models of about the same size, one trains and one does not. Side by side, the
 # components say where the bytes differ and the shapes say why.
-_COMPONENT_LABELS = {
-    "parameters": "Weights",
-    "gradients": "Gradients",
-    "optimizer_states": "Optimizer states",
-    "activations": "Activations saved for backward",
-    "logits_loss": "Logits and loss",
-    "transient": "Transient workspace",
-    "workspaces": "cuBLAS workspaces",
-}
 # Which shape facts drive each component, for the sentence that explains a difference.
 _DRIVERS = {
     "parameters": ("parameter_count",),
@@ -256,7 +252,7 @@ def side_by_side_frame(
         signed = "same" if difference == 0 else ("+" if difference > 0 else "−") + human_bytes(abs(difference))
         return {"": label, names[0]: human_bytes(first), names[1]: human_bytes(second), "Difference": signed}
 
-    rows = [bytes_row(label, a.breakdown[key], b.breakdown[key]) for key, label in _COMPONENT_LABELS.items()]
+    rows = [bytes_row(label, a.breakdown[key], b.breakdown[key]) for key, label in BREAKDOWN_LABELS.items()]
     rows.append(bytes_row("Peak allocated", a.peak_allocated_bytes, b.peak_allocated_bytes))
     rows.append(bytes_row("Device (nvidia-smi)", a.device_bytes, b.device_bytes))
     for fact, label in _SHAPE_LABELS.items():
@@ -282,7 +278,7 @@ def side_by_side_summary(
         a, b = estimates
     less, more = names
     other, hungrier = shapes
-    differences = sorted(((b.breakdown[key] - a.breakdown[key], key) for key in _COMPONENT_LABELS), reverse=True)
+    differences = sorted(((b.breakdown[key] - a.breakdown[key], key) for key in BREAKDOWN_LABELS), reverse=True)
     reasons = []
     for difference, key in differences[:2]:
         if difference <= 0:
@@ -295,7 +291,7 @@ def side_by_side_summary(
             if _shape_value(hungrier, fact) > _shape_value(other, fact)
         ]
         why = f" ({', '.join(drivers)})" if drivers else ""
-        reasons.append(f"{_COMPONENT_LABELS[key].lower()} +{human_bytes(difference)}{why}")
+        reasons.append(f"{_in_a_sentence(BREAKDOWN_LABELS[key])} +{human_bytes(difference)}{why}")
     total = b.device_bytes - a.device_bytes
     return (
         f"{more} needs {human_bytes(total)} more than {less} at the device level"
