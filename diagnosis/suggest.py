@@ -451,7 +451,11 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
     why = "Gradient checkpointing keeps only each layer's input and recomputes the rest in backward (~30% slower)"
     if activations is not None:
         why += f"; activations were {human_bytes(activations)} ({source}){_peak_text(ctx)}"
-    why += f": saves {human_bytes(saves)}." if saves else "."
+    if saves and activations is not None and saves > activations:
+        # The saving is on the device, where the allocator's reserve grows and shrinks with the tensors.
+        why += f": saves {human_bytes(saves)} on the device, the allocator's reserve on those bytes included."
+    else:
+        why += f": saves {human_bytes(saves)}." if saves else "."
     confidence: Confidence = "high" if _share_of_peak(ctx, saves) > DOMINANT_SHARE else "medium"
     return [
         Suggestion(

@@ -299,3 +299,30 @@ def test_lora_is_suggested_on_the_models_own_attention_projections(tmp_path: Pat
     items = suggest(Evidence(config=_gpt_bigcode(tmp_path, lora=None)), estimate_analytic)
     lora = [s for s in items if s.category == "lora"]
     assert lora and lora[0].patch["lora"]["target_modules"] == ["c_attn", "c_proj"]  # not Llama's q_proj…
+
+
+def test_a_checkpointing_saving_larger_than_the_activations_says_it_is_counted_on_the_device():
+    """The what-if compares device bytes, where the allocator's reserve shrinks with the tensors:
+    a saving above the activations quoted beside it must say why, or it reads as an error."""
+    cfg = validate_config(
+        {
+            "model": {"name": "qwen2.5-7b", "dtype": "bf16"},
+            "lora": {"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "data": {"seq_len": 4096},
+            "train": {"micro_batch_size": 2},
+        }
+    )
+    (item,) = [
+        s for s in suggest(Evidence(config=cfg, capacity_bytes=80 * GIB)) if s.category == "gradient_checkpointing"
+    ]
+    activations = estimate_analytic(cfg).breakdown["activations"]
+    assert item.saves_bytes > activations
+    assert "on the device, the allocator's reserve on those bytes included" in item.why
+    (on_cpu,) = [
+        s
+        for s in suggest(
+            Evidence(config=cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})}))
+        )
+        if s.category == "gradient_checkpointing"
+    ]
+    assert "reserve" not in on_cpu.why  # no allocator reserve on the CPU: the saving is the activations'
