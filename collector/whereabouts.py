@@ -336,7 +336,10 @@ class Whereabouts:
         return hook
 
     def _graph_mark(self, name: str | None) -> Callable:
-        """Note the node that made the module's output; nothing runs in backward."""
+        """Note the node that made the module's output; nothing runs in backward. The notes last
+        until the next forward: harmless after a backward (it freed what the nodes saved), but a
+        forward with grad enabled and no backward after it (an evaluation outside `no_grad`) would
+        keep its saved tensors alive that long."""
 
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
             tensor = _first_grad_tensor(output)
