@@ -165,7 +165,7 @@ def _graph_nodes(roots: Iterable[object]) -> list[object]:
     return list(seen.values())
 
 
-def locate_in_graph(roots: Iterable[object], module_ends: list[tuple[int, str | None]]) -> str | None:
+def locate_in_graph(roots: Iterable[object], module_ends: list[tuple[int, str]]) -> str | None:
     """The module whose backward was running when backward failed, read from the graph it left.
 
     Forward numbers autograd nodes in creation order (`_sequence_nr`), and backward runs the ready
