@@ -305,9 +305,76 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     from diagnosis.snapshot import read_snapshot
 
     summary = read_snapshot(args.file, max_bytes=int(args.max_mb * 1024**2))
-    data = summary.to_json()
-    _emit(data, args.json, data.get("headline", ""))
+    _emit(summary.to_json(), args.json, _snapshot_text(summary))
     return EXIT_OK
+
+
+_SHOWN_SITES = 8
+_SHOWN_BLOCKS = 5
+_SHOWN_OOM_FRAMES = 3
+
+
+def _frame_text(frame) -> str:
+    """`eager_attention_forward (transformers/models/llama/modeling_llama.py:204)`: a library's
+    path from its package on, as a reader looks it up."""
+    filename = frame.filename.split("site-packages/")[-1]
+    return f"{frame.name} ({filename}:{frame.line})"
+
+
+def _snapshot_text(summary) -> str:
+    """What `--json` holds, for a person: the state at the dump, the trace's peaks, each OOM with
+    where it was asked for, where the live bytes were allocated, the largest blocks."""
+    lines = [summary.headline]
+    for device in summary.devices:
+        t = device.totals
+        lines += [
+            "",
+            f"device {device.device} at the snapshot: {t.segments} segments ({t.large_segments} large, "
+            f"{t.small_segments} small, {t.expandable_segments} expandable)",
+            f"  {'reserved':<24}{human_bytes(t.reserved_bytes)}",
+            f"  {'allocated':<24}{human_bytes(t.allocated_bytes)}",
+            f"  {'free (cached)':<24}{human_bytes(t.free_bytes)}, {human_bytes(t.split_free_bytes)} of it in split "
+            f"segments; largest free block {human_bytes(t.largest_free_block_bytes)}",
+        ]
+        timeline = device.timeline
+        if timeline is not None and timeline.events:
+            peaks = human_bytes(max(timeline.allocated_bytes)), human_bytes(max(timeline.reserved_bytes))
+            lines.append(
+                f"  over the trace ({timeline.events:,} events): peak allocated {peaks[0]}, peak reserved {peaks[1]}"
+            )
+    for oom in summary.ooms:
+        free = f", {human_bytes(oom.device_free_bytes)} free on the device" if oom.device_free_bytes is not None else ""
+        lines += [
+            "",
+            f"out of memory on device {oom.device}: asked for {human_bytes(oom.requested_bytes)} with "
+            f"{human_bytes(oom.allocated_bytes)} allocated and {human_bytes(oom.reserved_bytes)} reserved{free}",
+        ]
+        lines += [f"  at {_frame_text(frame)}" for frame in oom.frames[:_SHOWN_OOM_FRAMES]]
+        if oom.user_frame is not None and oom.user_frame not in oom.frames[:_SHOWN_OOM_FRAMES]:
+            lines.append(f"  from {_frame_text(oom.user_frame)}")
+    if summary.top_sites:
+        lines += ["", f"live bytes by allocation site ({summary.site_source}):"]
+        lines += [
+            f"  {human_bytes(site.bytes):>10}  {site.count:>6,} block(s)  {site.label}"
+            for site in summary.top_sites[:_SHOWN_SITES]
+        ]
+        if summary.unattributed_bytes:
+            lines.append(f"  {human_bytes(summary.unattributed_bytes):>10}  with no frame recorded")
+    if summary.largest_blocks:
+        lines += ["", "largest blocks:"]
+        lines += [
+            f"  {human_bytes(block.size_bytes):>10}  {block.state}, {block.segment_type or 'segment'} pool"
+            + (f"  {_frame_text(block.user_frame)}" if block.user_frame else "")
+            for block in summary.largest_blocks[:_SHOWN_BLOCKS]
+        ]
+    settings = summary.allocator_settings
+    if settings:
+        lines += [
+            "",
+            f"allocator settings: expandable_segments {settings.get('expandable_segments')}, max_split_size "
+            f"{settings.get('max_split_size')}, PYTORCH_CUDA_ALLOC_CONF {settings.get('PYTORCH_CUDA_ALLOC_CONF')!r}",
+        ]
+    return "\n".join(lines)
 
 
 _COMMANDS = {

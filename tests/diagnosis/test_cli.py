@@ -103,6 +103,24 @@ def test_snapshot_summary_and_refusal_of_code(tmp_path):
     assert not marker.exists()
 
 
+def test_snapshot_text_shows_a_person_the_oom_where_it_was_asked_for_and_who_holds_the_bytes():
+    """Without --json the summary is still the whole summary, not its headline alone (a real OOM
+    snapshot recorded on an H100: eager attention asked for 512 MiB)."""
+    recorded = (
+        REPO / "tests" / "fixtures" / "gpu" / "torch-2.11.0-cu130-NVIDIA-H100-80GB-HBM3" / "oom_snapshot.pickle.gz"
+    )
+    summary = json.loads(diagnosis("snapshot", str(recorded), "--json").stdout)
+    result = diagnosis("snapshot", str(recorded))
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith(summary["headline"])
+    assert "out of memory on device 0: asked for 512.0 MiB with 213.0 MiB allocated and 220.0 MiB reserved" in text
+    assert "at eager_attention_forward (transformers/models/llama/modeling_llama.py:204)" in text
+    assert f"147.0 MiB      16 block(s)  {summary['top_sites'][0]['label']}" in text
+    assert "largest blocks:" in text and "128.0 MiB  active_allocated, large pool" in text
+    assert "peak reserved 222.0 MiB" in text  # the trace's peak, above the 220.0 MiB held at the dump
+
+
 @pytest.mark.parametrize("args", [["estimate", "--set", "train.micro_batch_size=0"], ["estimate", "--gpu", "Z9000"]])
 def test_estimate_refuses_bad_input_with_the_key_named(args):
     result = diagnosis(*args)
