@@ -206,7 +206,7 @@ def fit_frame(rows: Sequence[FitRow], cfg: RunConfig) -> pd.DataFrame:
 
 
 def _in_a_sentence(label: str) -> str:
-    """"Logits and loss" → "logits and loss"; "cuBLAS workspaces" stays as it is."""
+    """ "Logits and loss" → "logits and loss"; "cuBLAS workspaces" stays as it is."""
     return label[:1].lower() + label[1:]
 
 
@@ -293,7 +293,6 @@ def side_by_side_summary(
         why = f" ({', '.join(drivers)})" if drivers else ""
         reasons.append(f"{_in_a_sentence(BREAKDOWN_LABELS[key])} +{human_bytes(difference)}{why}")
     total = b.device_bytes - a.device_bytes
-    return (
-        f"{more} needs {human_bytes(total)} more than {less} at the device level"
-        + (": " + "; ".join(reasons) + "." if reasons else ".")
+    return f"{more} needs {human_bytes(total)} more than {less} at the device level" + (
+        ": " + "; ".join(reasons) + "." if reasons else "."
     )
