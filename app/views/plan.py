@@ -206,7 +206,8 @@ def fit_frame(rows: Sequence[FitRow], cfg: RunConfig) -> pd.DataFrame:
 
 
 def _in_a_sentence(label: str) -> str:
-    """ "Logits and loss" → "logits and loss"; "cuBLAS workspaces" stays as it is."""
+    """A label inside a sentence: its first letter lowered ("logits and loss"), which leaves
+    "cuBLAS workspaces" as it is."""
     return label[:1].lower() + label[1:]
 
 
