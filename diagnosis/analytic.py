@@ -61,6 +61,10 @@ SRC_KORTHIKANTI = "Korthikanti et al., Reducing Activation Recomputation in Larg
 SRC_LORA = "Hu et al., LoRA (2021); peft LoraLayer: lora_A = Linear(d_in, r), lora_B = Linear(r, d_out)"
 SRC_PEFT_DTYPE = "peft get_peft_model(autocast_adapter_dtype=True): 16-bit adapters are kept in fp32"
 SRC_AUTOCAST = "torch.amp autocast: fp32 inputs of lower-precision ops are cast; casts of leaf weights cached"
+SRC_CHUNKED_LOSS = (
+    "trainer/chunked_loss.py: head and cross-entropy per chunk of train.loss_chunk_tokens, gradients made in forward "
+    "(as Liger-Kernel's fused linear cross-entropy)"
+)
 SRC_HF_LOSS = "transformers loss_utils.ForCausalLMLoss: logits.float(), cross_entropy = log_softmax + nll_loss"
 SRC_ADAMW = "torch.optim.AdamW: exp_avg, exp_avg_sq = zeros_like(param); step on CPU unless capturable/fused"
 SRC_FOREACH = "torch.optim docs: foreach (CUDA default) trades peak memory for speed; _multi_tensor_adam sqrt list"
@@ -142,6 +146,8 @@ class _Run:
     bnb_keeps_input: bool = False
     # How the transformers that runs the step computes the loss (SRC_TRANSFORMERS_OLD_LOSS).
     loss: LossLayout = LossLayout()
+    # train.loss_chunk_tokens: the runner's chunked head and loss (SRC_CHUNKED_LOSS); 0 = transformers'.
+    loss_chunk: int = 0
 
     @property
     def tokens(self) -> int:
@@ -213,6 +219,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
         accum=cfg.train.grad_accum_steps,
         bnb_keeps_input=cfg.model.quantization == "nf4" and libraries.bnb_keeps_matmul_input,
         loss=libraries.loss_layout(shape.model_type),
+        loss_chunk=cfg.train.loss_chunk_tokens,
     )
 
 
@@ -589,6 +596,9 @@ class _Activations:
     loss_shifted: int
     loss_head: int  # the head output still alive during the loss (freed by `logits = logits.float()`)
     loss_cells: int  # one b·s·V tensor in the loss's dtype: the log-softmax output and each of its gradients
+    # The chunked loss (SRC_CHUNKED_LOSS): the most one chunk's logits, log-softmax and their
+    # gradients hold at once, in the forward that makes the gradients.
+    chunk_peak: int
     layer_full: int  # one layer's own saved bytes (what checkpointing recomputes)
     by_tag: dict[str, int]  # one typical layer's bytes on the main trace, by part
     layer_tags: dict[str, int]  # one typical layer's own saved bytes by part, checkpointed or not
@@ -596,7 +606,7 @@ class _Activations:
     @property
     def at_loss(self) -> int:
         """Alive while cross-entropy runs, beside what it keeps."""
-        return self.loss_head + self.loss_upcast + self.loss_shifted
+        return self.loss_head + self.loss_upcast + self.loss_shifted + self.chunk_peak
 
     def total(self, num_layers: int) -> int:
         """Saved activations, without the loss's: the `activations` component."""
@@ -658,6 +668,21 @@ def _walk(run: _Run) -> _Activations:
         x, per_layer, layer, tags = _walk_layer(tr, x)
         later_hidden = (tr.hidden - before) * (s.num_layers - 2)  # layers 2… hide as much as layer 1
     before = tr.total
+    if run.loss_chunk:
+        with tr.tagged("head"):
+            tr.norm(x, run.full_ft)  # the head's matmuls run inside the loss: nothing of them is kept
+        return _chunked_loss_activations(
+            run,
+            embedding,
+            first,
+            per_layer,
+            tr.total - before,
+            mask,
+            tr.hidden + later_hidden,
+            layer,
+            layer_input,
+            tags,
+        )
     with tr.tagged("head"):
         h = tr.norm(x, run.full_ft)
         logits = tr.linear(h, s.hidden_size, s.vocab_size, trainable=run.full_ft, dtype=run.param_dtype)
@@ -688,6 +713,58 @@ def _walk(run: _Run) -> _Activations:
         loss_shifted=loss_cells if layout.shifted_copy else 0,
         loss_head=logits.storage if layout.keeps_head_output or not upcast else 0,
         loss_cells=loss_cells,
+        chunk_peak=0,
+        layer_full=_own_bytes(layer, layer_input),
+        by_tag=tags,
+        layer_tags=dict(layer.by_tag),
+    )
+
+
+def _chunked_loss_activations(
+    run: _Run,
+    embedding: int,
+    first: int,
+    per_layer: int,
+    head: int,
+    mask: int,
+    hidden: int,
+    layer: _Trace,
+    layer_input: _T,
+    tags: dict[str, int],
+) -> _Activations:
+    """The loss of trainer/chunked_loss.py: its forward keeps the gradients it made (the head's
+    input, and the head's weight and bias when they train) and, one chunk at a time, that chunk's
+    logits and their fp32 scores, overwritten in place into the softmax and the gradient."""
+    s = run.shape
+    size = ITEMSIZE[run.compute_dtype]
+    cells = min(run.loss_chunk, run.tokens) * s.vocab_size
+    logits, scores = run.block(cells * size), run.block(cells * 4)
+    # The scores become the softmax and then the gradient in place; Gemma 2's soft-cap keeps its tanh beside them.
+    in_flight = 2 * scores if s.final_logit_softcap else scores
+    if size != 4:  # 16-bit logits beside their fp32 copy, and the gradient beside its 16-bit copy
+        in_flight = max(in_flight, scores + logits)
+    if run.autocast:  # one autocast-dtype copy of the head's weight for the loop, and each chunk's weight gradient
+        weight = run.block(s.vocab_size * s.hidden_size * size)
+        in_flight += weight * (2 if run.full_ft else 1)
+    made = run.block(run.tokens * s.hidden_size * ITEMSIZE[run.param_dtype])
+    if run.full_ft:
+        made += run.block(s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype])
+        if s.lm_head_bias:
+            made += run.block(s.vocab_size * ITEMSIZE[run.param_dtype])
+    return _Activations(
+        embedding=embedding,
+        first_layer=first,
+        per_layer=per_layer,
+        head=head,
+        mask=mask,
+        loss_saved=made,
+        hidden=hidden,
+        logits=0,
+        loss_upcast=0,
+        loss_shifted=0,
+        loss_head=0,
+        loss_cells=0,
+        chunk_peak=in_flight,
         layer_full=_own_bytes(layer, layer_input),
         by_tag=tags,
         layer_tags=dict(layer.by_tag),
@@ -1136,6 +1213,22 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
 
 
 def _logit_terms(run: _Run, acts: _Activations) -> list[Term]:
+    if run.loss_chunk:
+        chunk = min(run.loss_chunk, run.tokens)
+        return [
+            Term(
+                "gradients the chunked loss made in forward",
+                acts.loss_saved,
+                "b·s·h of the head's input" + (", V·h of the head's weight" if run.full_ft else ""),
+                SRC_CHUNKED_LOSS,
+            ),
+            Term(
+                "one chunk's logits, log-softmax and their gradients",
+                acts.chunk_peak,
+                f"{chunk:,} tokens × V = {chunk * run.shape.vocab_size:,} cells",
+                SRC_CHUNKED_LOSS,
+            ),
+        ]
     layout, cells = run.loss, run.tokens * run.shape.vocab_size
     rows = run.batch * (run.seq - 1) if layout.shifted_copy else run.tokens
     item = 4 if layout.upcast else ITEMSIZE[run.compute_dtype]

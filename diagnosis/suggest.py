@@ -46,6 +46,8 @@ CATEGORIES = (
     "zero",
     "offload",
     "efficient_attention",
+    # Added after the issue's list: the LM head and loss in chunks (train.loss_chunk_tokens).
+    "chunked_loss",
     "mixed_precision",
     "quantization",
     "optimizer_8bit",
@@ -58,6 +60,7 @@ CATEGORIES = (
 _COST_ORDER = (
     "alloc_conf",
     "efficient_attention",
+    "chunked_loss",
     "mixed_precision",
     "optimizer_8bit",
     "gradient_checkpointing",
@@ -437,6 +440,38 @@ def _rule_efficient_attention(ctx: _Context) -> list[Suggestion]:
             None if saves is not None else "no config to estimate",
         )
     ]
+
+
+def loss_chunk_for(tokens: int) -> int:
+    """The chunk `suggest` proposes: 1,024 tokens (a c·V matmul still large enough to run at full
+    speed), a quarter of a smaller micro-batch, never under 64."""
+    quarter = max(tokens // 4, 1)
+    return min(1024, max(64, 1 << (quarter.bit_length() - 1)))
+
+
+def _rule_chunked_loss(ctx: _Context) -> list[Suggestion]:
+    cfg = ctx.ev.config
+    if cfg is None or cfg.train.loss_chunk_tokens:
+        return []
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    chunk = loss_chunk_for(tokens)
+    if chunk >= tokens:
+        return []
+    patch = {"train.loss_chunk_tokens": chunk}
+    saves = ctx.what_if(patch)
+    if not saves or saves <= 0:
+        return []
+    logits, source = _component(ctx, "logits_loss")
+    why = (
+        f"The loss holds logits for all {tokens:,} tokens of the micro-batch at once, with their fp32 copy, "
+        "log-softmax and gradients"
+        + (f": {human_bytes(logits)} ({source}){_peak_text(ctx)}" if logits else "")
+        + f"; computing the LM head and cross-entropy {chunk:,} tokens at a time, gradients made in forward "
+        "(as Liger-Kernel's fused linear cross-entropy), gives the same loss and gradients without them"
+        f": saves {human_bytes(saves)}."
+    )
+    confidence: Confidence = "high" if _share_of_peak(ctx, saves) > 0.1 else "medium"
+    return [Suggestion("chunked_loss", _change_text(patch), saves, confidence, why, patch)]
 
 
 def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
@@ -826,6 +861,7 @@ def _rule_checkpoint_save(ctx: _Context) -> list[Suggestion]:
 _RULES = (
     _rule_alloc_conf,
     _rule_efficient_attention,
+    _rule_chunked_loss,
     _rule_checkpointing,
     _rule_reduce_batch,
     _rule_reduce_seq_len,

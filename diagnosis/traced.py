@@ -54,6 +54,7 @@ from diagnosis.gpus import compute_capability_of
 from diagnosis.libraries import CHECKPOINTING_LOST_AND_RESTORED, Libraries, LossLayout
 from diagnosis.reserve import allocator_reserve_bytes, reserve_note, reserve_term
 from diagnosis.sharding import Gathered, fsdp_strategy, gathered_parameter_bytes, shard_components, zero_stage
+from trainer.chunked_loss import decoder_output, head_loss
 from trainer.config import RunConfig
 
 # CUDA_BLOCK_BYTES: the CUDA caching allocator hands out blocks in multiples of 512 bytes
@@ -535,6 +536,16 @@ def _training_cache_kept(model: torch.nn.Module, enabled: bool) -> Iterator[None
         kept.clear()
 
 
+def _chunked_loss(model: torch.nn.Module, ids: torch.Tensor, chunk_tokens: int, tracer: StepTracer) -> torch.Tensor:
+    """The runner's chunked loss (trainer/chunked_loss.py), the head's part in the logits region:
+    from the head's first chunk in forward until the decoder's output has its gradient."""
+    hidden = decoder_output(model, ids)
+    tracer.in_logits = True
+    if hidden.requires_grad:
+        hidden.register_hook(lambda _grad: setattr(tracer, "in_logits", False))
+    return head_loss(model, hidden, ids, chunk_tokens)
+
+
 def _one_step(
     model: torch.nn.Module,
     optimizer: OptimizerLike,
@@ -559,7 +570,9 @@ def _one_step(
         tracer.phase = "forward"
         ids = input_ids()
         with _autocast(cfg), observer.forward(), _training_cache_kept(model, keep_cache):
-            if loss.is_current:
+            if cfg.train.loss_chunk_tokens:
+                micro_loss = _chunked_loss(model, ids, cfg.train.loss_chunk_tokens, tracer) / accum
+            elif loss.is_current:
                 micro_loss = model(input_ids=ids, labels=ids).loss / accum
             else:
                 micro_loss = loss_as_it_ran([model(input_ids=ids).logits], ids, loss) / accum

@@ -90,6 +90,9 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     device: str = "auto"
     seed: int = 0
+    # The LM head and the loss N tokens at a time, each chunk's gradients made in forward
+    # (trainer/chunked_loss.py): no b·s·V logits. 0: transformers' loss over all logits at once.
+    loss_chunk_tokens: int = Field(0, ge=0, le=1 << 20)
     # Data-parallel ranks the step is spread over. The estimator divides ZeRO-sharded states by it;
     # the runner itself trains on one device.
     num_gpus: int = Field(1, ge=1, le=65_536)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from collector.monitor import StepMonitor
+from trainer.chunked_loss import causal_lm_loss, check_same_loss
 from trainer.config import RunConfig, TrainConfig
 from trainer.data import batches
 from trainer.models import BuiltModel, build_model
@@ -91,6 +92,9 @@ class Training:
 def setup(cfg: RunConfig, device: torch.device) -> Training:
     torch.manual_seed(cfg.train.seed)
     built = build_model(cfg.model, cfg.lora, device)
+    if cfg.train.loss_chunk_tokens:
+        probe = torch.randint(0, built.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        check_same_loss(built.model, probe.to(device), cfg.train.loss_chunk_tokens)
     return Training(
         cfg=cfg,
         device=device,
@@ -132,7 +136,7 @@ def train(training: Training, monitor: StepMonitor, first_step: int = 1) -> None
             tokens += input_ids.numel()
             seq_len = max(seq_len, input_ids.shape[1])
             with training.autocast(), monitor.forward():
-                loss = model(input_ids=input_ids, labels=input_ids).loss / accum
+                loss = causal_lm_loss(model, input_ids, cfg.train.loss_chunk_tokens) / accum
             monitor.enter("backward")
             training.scaler.scale(loss).backward()
             # Summed on the device: no host sync inside the step.

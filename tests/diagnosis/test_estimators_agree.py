@@ -28,6 +28,18 @@ CASES = {
         "train": {"mixed_precision": "bf16"},
         "data": {"seq_len": 256},
     },
+    # train.loss_chunk_tokens: the runner's chunked loss, its gradients made in forward.
+    "qwen2-full-bf16-chunked-loss": {
+        "model": {"name": "tiny-qwen2", "dtype": "bf16"},
+        "lora": None,
+        "data": {"seq_len": 256},
+        "train": {"loss_chunk_tokens": 64},
+    },
+    "llama-lora-amp-chunked-loss": {
+        "model": {"name": "tiny-llama"},
+        "data": {"seq_len": 256},
+        "train": {"mixed_precision": "bf16", "loss_chunk_tokens": 100},
+    },
 }
 
 

@@ -60,6 +60,7 @@ AGREEMENT_CASES = {
         "train": {"mixed_precision": "bf16"},
         "data": {"seq_len": 256},
     },
+    "qwen2-lora-chunked-loss": {"model": {"name": "tiny-qwen2"}, "train": {"loss_chunk_tokens": 128}},
 }
 
 
@@ -170,7 +171,9 @@ def cpu_allocator_peak(cfg: RunConfig) -> int:
     return before - stale + max(total for time, total, _size in events if start <= time <= end)
 
 
-@pytest.mark.parametrize("case", ["llama-lora-sdpa", "qwen2-full-checkpointing", "gpt2-full-eager-bf16-autocast"])
+@pytest.mark.parametrize(
+    "case", ["llama-lora-sdpa", "qwen2-full-checkpointing", "gpt2-full-eager-bf16-autocast", "qwen2-lora-chunked-loss"]
+)
 def test_traced_peak_matches_the_cpu_allocators_peak(case):
     real = cpu_allocator_peak(make_config(AGREEMENT_CASES[case]))
     assert traced(case).peak_allocated_bytes == pytest.approx(real, rel=0.01)
