@@ -194,7 +194,7 @@ def train_section(errors: Mapping[str, list[str]], refusals: Mapping[str, list[s
     with lr:
         st.number_input("Learning rate", min_value=1e-12, step=1e-5, format="%.2e", key=KEY + "train.lr", **_PERSIST)
         _problems(errors, refusals, "train.lr")
-    optimizer, precision, device = st.columns(3)
+    optimizer, precision, device, chunk = st.columns(4)
     with optimizer:
         st.selectbox("Optimizer", _choices(TrainConfig, "optimizer"), key=KEY + "train.optimizer", **_PERSIST)
         _problems(errors, refusals, "train.optimizer")
@@ -218,6 +218,18 @@ def train_section(errors: Mapping[str, list[str]], refusals: Mapping[str, list[s
             **_PERSIST,
         )
         _problems(errors, refusals, "train.device")
+    with chunk:
+        st.number_input(
+            "Loss chunk (tokens)",
+            min_value=0,
+            max_value=1 << 20,
+            step=256,
+            key=KEY + "train.loss_chunk_tokens",
+            help="the LM head and cross-entropy this many tokens at a time, with the same loss and gradients: "
+            "no logits for the whole micro-batch (0: all at once, as transformers does)",
+            **_PERSIST,
+        )
+        _problems(errors, refusals, "train.loss_chunk_tokens")
 
 
 def memory_section(errors: Mapping[str, list[str]], refusals: Mapping[str, list[str]]) -> None:

@@ -165,11 +165,22 @@ def knobs(prefix: str, shape: ModelShape | None) -> dict[str, Any]:
         **_PERSIST,
         help="bitsandbytes nf4 (QLoRA) or int8; needs LoRA adapters",
     )
-    st.toggle(
+    checkpointing, chunk = st.columns(2)
+    checkpointing.toggle(
         "Gradient checkpointing",
         key=key("model.gradient_checkpointing"),
         **_PERSIST,
         help="keep each layer's input only and recompute the rest in backward (~30% slower)",
+    )
+    chunk.number_input(
+        "Loss chunk (tokens)",
+        min_value=0,
+        max_value=1 << 20,
+        step=256,
+        key=key("train.loss_chunk_tokens"),
+        **_PERSIST,
+        help="the LM head and cross-entropy this many tokens at a time, same loss and gradients: no logits for the "
+        "whole micro-batch (0: all at once, as transformers does)",
     )
 
     st.toggle("LoRA adapters (off: full fine-tuning)", key=key("lora_on"), **_PERSIST)

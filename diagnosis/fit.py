@@ -161,10 +161,15 @@ def standard_settings(cfg: RunConfig) -> list[tuple[str, list[str]]]:
         if cfg.train.num_gpus > 1 and not zero_stage(cfg) and not fsdp_strategy(cfg)
         else []
     )
+    # Same loss and gradients without the micro-batch's logits: before anything that changes the model.
+    chunked = [("+ loss in 1,024-token chunks", ["train.loss_chunk_tokens=1024"])]
+    if cfg.train.loss_chunk_tokens:
+        chunked = []
     return [
         ("as is", []),
         ("+ gradient checkpointing", ["model.gradient_checkpointing=true"]),
         ("+ sdpa attention", ["model.attn_implementation=sdpa"]),
+        *chunked,
         *shard,
         (f"+ LoRA r=16 on {'/'.join(attention)}", [lora]),
         ("+ bf16 weights", bf16),

@@ -51,6 +51,7 @@ FIELDS = (
     "train.optimizer",
     "train.mixed_precision",
     "train.device",
+    "train.loss_chunk_tokens",
     "memory.limit_gb",
     "memory.alloc_conf",
 )
@@ -173,6 +174,7 @@ def form_values(config: Mapping[str, Any]) -> dict[str, Any]:
         "train.optimizer": train["optimizer"],
         "train.mixed_precision": train["mixed_precision"],
         "train.device": train["device"],
+        "train.loss_chunk_tokens": train["loss_chunk_tokens"],
         # number_input wants one numeric type: a YAML `limit_gb: 1` reads as an int.
         "memory.limit_gb": float(memory["limit_gb"]) if memory["limit_gb"] is not None else None,
         "memory.alloc_conf": memory["alloc_conf"] or "",
@@ -209,7 +211,16 @@ def config_from_form(values: Mapping[str, Any], base: Mapping[str, Any]) -> dict
     data["vary_length"] = values["data.vary_length"]
     data["min_seq_len"] = values["data.min_seq_len"] if values["data.vary_length"] else None
     train = raw["train"]
-    for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "lr", "optimizer", "mixed_precision", "device"):
+    for key in (
+        "micro_batch_size",
+        "grad_accum_steps",
+        "max_steps",
+        "lr",
+        "optimizer",
+        "mixed_precision",
+        "device",
+        "loss_chunk_tokens",
+    ):
         train[key] = values[f"train.{key}"]
     raw["memory"]["limit_gb"] = values["memory.limit_gb"]
     raw["memory"]["alloc_conf"] = str(values["memory.alloc_conf"] or "").strip() or None

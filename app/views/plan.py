@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "train.micro_batch_size": 1,
     "train.optimizer": "adamw",
     "train.mixed_precision": "no",
+    "train.loss_chunk_tokens": 0,
     "train.num_gpus": 1,
     "deepspeed.zero_stage": 0,
     "deepspeed.offload_optimizer": "none",
@@ -70,6 +71,7 @@ def config_from_knobs(values: Mapping[str, Any], model_name: str) -> dict[str, A
             "micro_batch_size": values["train.micro_batch_size"],
             "optimizer": values["train.optimizer"],
             "mixed_precision": values["train.mixed_precision"],
+            "loss_chunk_tokens": values.get("train.loss_chunk_tokens", 0),
             "num_gpus": values["train.num_gpus"],
         },
     }

@@ -104,6 +104,7 @@ def test_fit_table_adds_one_change_per_row():
         "as is",
         "+ gradient checkpointing",
         "+ sdpa attention",
+        "+ loss in 1,024-token chunks",
         "+ LoRA r=16 on q_proj/k_proj/v_proj/o_proj",
         "+ bf16 weights",
     ]
@@ -121,9 +122,9 @@ def test_across_several_gpus_sharding_is_a_rung_before_lora_unless_already_on():
     )  # fmt: skip
     rows = fit_table(cfg, gpu_capacity_bytes("A100 40GB"))
     labels = [row.label for row in rows]
-    assert labels[3] == "+ FSDP full_shard across 8 GPUs" and labels[4].startswith("+ LoRA")
-    sdpa, sharded = rows[2], rows[3]
-    assert (sharded.seq_len.value or 0) > (sdpa.seq_len.value or 0)  # the weights and states ÷ 8 leave room
+    assert labels[4] == "+ FSDP full_shard across 8 GPUs" and labels[5].startswith("+ LoRA")
+    unsharded, sharded = rows[3], rows[4]
+    assert (sharded.seq_len.value or 0) > (unsharded.seq_len.value or 0)  # the weights and states ÷ 8 leave room
     zero3 = validate_config({**cfg.to_dict(), "deepspeed": {"zero_stage": 3}})
     assert not any("FSDP" in row.label for row in fit_table(zero3, gpu_capacity_bytes("A100 40GB")))
 
