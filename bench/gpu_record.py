@@ -80,6 +80,19 @@ PEAK_CONFIGS: dict[str, dict[str, Any]] = {
         "data": {"seq_len": 1024},
         "train": {"micro_batch_size": 2, "mixed_precision": "bf16"},
     },
+    # train.loss_chunk_tokens beside the same configs without it: the saving on a real GPU.
+    "qwen2.5-0.5b-full-bf16-1k-chunked-loss": {
+        "model": {"name": "qwen2.5-0.5b", "dtype": "bf16"},
+        "lora": None,
+        "data": {"seq_len": 1024},
+        "train": {"micro_batch_size": 4, "loss_chunk_tokens": 1024},
+    },
+    "llama-3.2-1b-lora-bf16-4k-checkpointing-chunked-loss": {
+        "model": {"name": "llama-3.2-1b", "dtype": "bf16", "gradient_checkpointing": True},
+        "lora": {"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {"seq_len": 4096},
+        "train": {"micro_batch_size": 2, "loss_chunk_tokens": 1024},
+    },
 }
 
 

@@ -35,6 +35,8 @@ for stage in $stages; do
         # A real fine-tuning step (1.2 B parameters, bf16, LoRA): the hooks' fixed cost against it.
         python3 -m bench.collector_overhead --device cuda --model llama-3.2-1b --dtype bf16 --micro-batch 2 \
           --seq-len 2048 --blocks 60 --processes 2
+        # train.loss_chunk_tokens: real peaks and step times with and without, side by side.
+        python3 -m bench.chunked_loss --device cuda
       } 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown stage $stage (tests, record, bench)"; status=1 ;;
   esac

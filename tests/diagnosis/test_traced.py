@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import json
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile, record_function
 
 import diagnosis.traced as traced_module
+from bench.cpu_allocator import cpu_allocator_peak
 from collector.readings import StepSample, TensorBreakdown
-from collector.tensors import unique_storage_bytes
 from diagnosis.analytic import CUDA_CONTEXT_BYTES, estimate_analytic
 from diagnosis.estimate import BREAKDOWN_KEYS
 from diagnosis.reserve import allocator_reserve_bytes
@@ -111,64 +109,6 @@ def test_components_match_the_runners_measurement(case):
     }
     for component, (estimate, real) in pairs.items():
         assert estimate == pytest.approx(real, rel=0.05), f"{case} {component}: traced {estimate} vs measured {real}"
-
-
-class _StepMarker:
-    """The loop's monitor interface, marking the last step for the profiler and nothing else."""
-
-    def __init__(self, last_step: int):
-        self._last_step = last_step
-        self._mark = record_function("oomlens.measured_step")
-
-    def begin_step(self, step: int) -> None:
-        if step == self._last_step:
-            self._mark.__enter__()
-
-    def end_step(self, step: int, *_args) -> None:
-        if step == self._last_step:
-            self._mark.__exit__(None, None, None)
-
-    def enter(self, *_args, **_kwargs) -> None: ...
-
-    def set_batch(self, *_args) -> None: ...
-
-    def forward(self):
-        return nullcontext()
-
-    def after_backward(self) -> None: ...
-
-
-def _allocation_events(nodes, events: list, marks: list) -> None:
-    for node in nodes:
-        if node.tag == _EventType.Allocation:
-            fields = node.extra_fields
-            events.append((node.start_time_ns, fields.total_allocated, fields.alloc_size))
-        elif node.name == "oomlens.measured_step":
-            marks.append((node.start_time_ns, node.end_time_ns))
-        _allocation_events(node.children, events, marks)
-
-
-def cpu_allocator_peak(cfg: RunConfig) -> int:
-    """Peak bytes allocated during the runner's second step, from the CPU allocator itself.
-
-    The allocator reports a running total of what it allocated while profiling, in this session
-    and earlier ones (what those freed after profiling stopped is never subtracted): the total
-    before the session's first allocation is taken off, and the weights and buffers, allocated
-    before the session, are added.
-    """
-    training = setup(cfg, torch.device("cpu"))
-    model = training.built.model
-    before = unique_storage_bytes([*model.parameters(), *model.buffers()])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train(training, _StepMarker(last_step=cfg.train.max_steps))
-    events: list = []
-    marks: list = []
-    _allocation_events(prof.profiler.kineto_results.experimental_event_tree(), events, marks)
-    ((start, end),) = marks
-    events.sort()
-    _, first_total, first_size = events[0]
-    stale = first_total - first_size
-    return before - stale + max(total for time, total, _size in events if start <= time <= end)
 
 
 @pytest.mark.parametrize(

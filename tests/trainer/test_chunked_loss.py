@@ -12,12 +12,13 @@ import pytest
 import torch
 import transformers
 
+from bench.cpu_allocator import cpu_allocator_peak
 from db import open_engine
 from db.queries import get_run, step_samples
 from diagnosis.analytic import estimate_analytic
 from diagnosis.traced import estimate_traced
 from tests.conftest import subprocess_env
-from tests.diagnosis.test_traced import cpu_allocator_peak, make_config
+from tests.diagnosis.test_traced import make_config
 from tests.trainer.test_runner import first_line_run_id, run_trainer
 from trainer.chunked_loss import ChunkedLossError, causal_lm_loss, check_same_loss
 from trainer.config import LoraConfig, ModelConfig
