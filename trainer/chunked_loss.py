@@ -144,7 +144,16 @@ def decoder_output(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
 def head_loss(model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     """The LM head and the mean next-token cross-entropy over `hidden`, `chunk_tokens` at a time."""
     _, head, softcap = _parts(model)
-    return _ChunkedHeadLoss.apply(hidden, head.weight, head.bias, shifted_labels(input_ids), chunk_tokens, softcap)
+    return _through_head(head, hidden, shifted_labels(input_ids), chunk_tokens, softcap)
+
+
+def _through_head(
+    self: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, chunk: int, softcap: float | None
+) -> torch.Tensor:
+    """The chunked loss, in a frame whose `self` is the LM head: an out-of-memory failure inside it
+    is placed "in forward of lm_head", as transformers' own loss is (collector.whereabouts names a
+    failure by the `self` of its traceback's frames)."""
+    return _ChunkedHeadLoss.apply(hidden, self.weight, self.bias, labels, chunk, softcap)
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import transformers
 
 from bench.cpu_allocator import cpu_allocator_peak
 from db import open_engine
-from db.queries import get_run, step_samples
+from db.queries import get_postmortem, get_run, step_samples
 from diagnosis.analytic import estimate_analytic
 from diagnosis.traced import estimate_traced
 from tests.conftest import subprocess_env
@@ -157,3 +157,9 @@ def test_a_logits_oom_is_fixed_by_the_first_suggestion_in_a_real_run(tmp_path, d
     assert get_run(engine, run_id).status == "completed"
     losses = [sample.loss for sample in step_samples(engine, run_id)]
     assert len(losses) == 2 and all(abs(loss - math.log(32_000)) < 0.5 for loss in losses)  # random weights
+    # One chunk of the whole micro-batch still needs its fp32 scores: under a tighter budget the
+    # chunked loss itself fails, and the post-mortem places it in the head, as transformers' loss is.
+    tight = run_trainer(tmp_path, db_url, "train.loss_chunk_tokens=4096", "memory.limit_gb=0.3", config=config)
+    assert tight.returncode == 3, tight.stderr[-3000:]
+    postmortem = get_postmortem(engine, first_line_run_id(tight.stdout))
+    assert (postmortem.phase, postmortem.module) == ("forward", "lm_head"), postmortem
