@@ -758,7 +758,7 @@ def _chunked_loss_activations(
         head=head,
         mask=mask,
         loss_saved=made,
-        hidden=hidden,
+        hidden=hidden + made,  # kept on the autograd ctx, not saved: saved-tensor hooks never see them
         logits=0,
         loss_upcast=0,
         loss_shifted=0,

@@ -124,14 +124,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for grad in (grad_hidden, grad_weight, grad_bias):
             if grad is not None:
                 grad.div_(count)
-        ctx.save_for_backward(grad_hidden.view_as(hidden) if grad_hidden is not None else None, grad_weight, grad_bias)
+        # On ctx, not save_for_backward: they are gradients made early, not activations, and the
+        # collector's saved-tensor count (the runner's `activations`) should not call them so.
+        ctx.gradients = (grad_hidden.view_as(hidden) if grad_hidden is not None else None, grad_weight, grad_bias)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: ANN001
         # In place: the gradients are this call's own, and a copy of the head's weight gradient
         # (V·h) would cost what the chunks saved.
-        grads = [grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None for grad in ctx.saved_tensors]
+        gradients, ctx.gradients = ctx.gradients, None  # backward owns them from here
+        grads = [grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None for grad in gradients]
         return grads[0], grads[1], grads[2], None, None, None
 
 
