@@ -449,9 +449,32 @@ def loss_chunk_for(tokens: int) -> int:
     return min(1024, max(64, 1 << (quarter.bit_length() - 1)))
 
 
+def _failed_in_the_loss(ev: Evidence) -> bool:
+    return ev.message is not None and ev.message.location == "logits_loss"
+
+
+def _chunked_loss_unestimated(ev: Evidence) -> list[Suggestion]:
+    """A pasted log whose traceback ends in the LM head or the loss, with no config to size it."""
+    if not _failed_in_the_loss(ev):
+        return []
+    frame = f" ({ev.message.frame})" if ev.message.frame else ""
+    why = (
+        f"It failed in the loss over the logits{frame}: the whole micro-batch's logits, their fp32 copy and "
+        "log-softmax exist at once there. Computing the LM head and cross-entropy 1,024 tokens at a time gives "
+        "the same loss without them (oomlens' runner: train.loss_chunk_tokens; HF Trainer and TRL: "
+        "use_liger_kernel=True, Liger-Kernel's fused linear cross-entropy)."
+    )
+    patch = {"train.loss_chunk_tokens": 1024}
+    return [
+        Suggestion("chunked_loss", _change_text(patch), None, "medium", why, patch, "no config to estimate the logits")
+    ]
+
+
 def _rule_chunked_loss(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
-    if cfg is None or cfg.train.loss_chunk_tokens:
+    if cfg is None:
+        return _chunked_loss_unestimated(ctx.ev)
+    if cfg.train.loss_chunk_tokens:
         return []
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     chunk = loss_chunk_for(tokens)
@@ -470,7 +493,8 @@ def _rule_chunked_loss(ctx: _Context) -> list[Suggestion]:
         "(as Liger-Kernel's fused linear cross-entropy), gives the same loss and gradients without them"
         f": saves {human_bytes(saves)}."
     )
-    confidence: Confidence = "high" if _share_of_peak(ctx, saves) > 0.1 else "medium"
+    big = _share_of_peak(ctx, saves) > 0.1 or _failed_in_the_loss(ctx.ev)
+    confidence: Confidence = "high" if big else "medium"
     return [Suggestion("chunked_loss", _change_text(patch), saves, confidence, why, patch)]
 
 

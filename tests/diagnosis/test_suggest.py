@@ -327,3 +327,41 @@ def test_a_checkpointing_saving_larger_than_the_activations_says_it_is_counted_o
         if s.category == "gradient_checkpointing"
     ]
     assert "reserve" not in on_cpu.why  # no allocator reserve on the CPU: the saving is the activations'
+
+
+# --- the loss in chunks ------------------------------------------------------------------------------
+def _qwen_7b_lora(**train) -> RunConfig:
+    return validate_config(
+        {
+            "model": {"name": "qwen2.5-7b", "dtype": "bf16", "gradient_checkpointing": True},
+            "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "data": {"seq_len": 4096},
+            "train": {"micro_batch_size": 2, **train},
+        }
+    )
+
+
+def test_logits_that_dominate_a_checkpointed_step_put_the_chunked_loss_first():
+    """Qwen2.5-7B, LoRA, checkpointing, 2 × 4,096 tokens on a 24 GB card: with the layers
+    checkpointed, the 152k-vocabulary logits and loss are half the step, and nothing else fixes them
+    without changing the batch or the model."""
+    items = suggest(Evidence(config=_qwen_7b_lora(), capacity_bytes=24 * GIB), estimate_analytic)
+    first = items[0]
+    assert first.category == "chunked_loss" and first.sufficient and first.confidence == "high"
+    assert first.patch == {"train.loss_chunk_tokens": 1024} and first.saves_bytes > 10 * GIB
+    assert "8,192 tokens" in first.why and "same loss and gradients" in first.why
+    chunked = suggest(
+        Evidence(config=_qwen_7b_lora(loss_chunk_tokens=1024), capacity_bytes=24 * GIB), estimate_analytic
+    )
+    assert "chunked_loss" not in categories(chunked)
+
+
+def test_a_pasted_log_that_failed_in_the_logits_names_the_chunked_loss_without_a_size():
+    message = parse_oom(MESSAGES["mps_logits"])  # `logits = logits / self.temperature`, a real MPS report
+    items = suggest(Evidence(message=message))
+    chunked = [s for s in items if s.category == "chunked_loss"]
+    assert len(chunked) == 1 and chunked[0].saves_bytes is None and chunked[0].saves_reason
+    assert "use_liger_kernel=True" in chunked[0].why and "train.loss_chunk_tokens" in chunked[0].why
+    elsewhere = parse_oom(MESSAGES["backward_call_chain"])
+    assert elsewhere.location != "logits_loss"
+    assert "chunked_loss" not in categories(suggest(Evidence(message=elsewhere)))
