@@ -668,29 +668,38 @@ def _walk(run: _Run) -> _Activations:
         x, per_layer, layer, tags = _walk_layer(tr, x)
         later_hidden = (tr.hidden - before) * (s.num_layers - 2)  # layers 2… hide as much as layer 1
     before = tr.total
-    if run.loss_chunk:
-        with tr.tagged("head"):
-            tr.norm(x, run.full_ft)  # the head's matmuls run inside the loss: nothing of them is kept
-        return _chunked_loss_activations(
-            run,
-            embedding,
-            first,
-            per_layer,
-            tr.total - before,
-            mask,
-            tr.hidden + later_hidden,
-            layer,
-            layer_input,
-            tags,
-        )
     with tr.tagged("head"):
         h = tr.norm(x, run.full_ft)
-        logits = tr.linear(h, s.hidden_size, s.vocab_size, trainable=run.full_ft, dtype=run.param_dtype)
-        if s.final_logit_softcap:  # Gemma 2: tanh(logits / cap) · cap keeps the tanh
-            soft = tr.new(logits.numel, logits.dtype, True)
-            tr.save(soft)
+        # The chunked loss runs the head's matmuls inside itself: nothing of them is kept.
+        logits = None if run.loss_chunk else _head_logits(tr, h)
     head = tr.total - before
-    layout = run.loss
+    loss = _chunked_loss_bytes(run) if logits is None else _transformers_loss_bytes(run, logits)
+    return _Activations(
+        embedding=embedding,
+        first_layer=first,
+        per_layer=per_layer,
+        head=head,
+        mask=mask,
+        hidden=tr.hidden + later_hidden + loss.pop("unseen"),
+        layer_full=_own_bytes(layer, layer_input),
+        by_tag=tags,
+        layer_tags=dict(layer.by_tag),
+        **loss,
+    )
+
+
+def _head_logits(tr: _Trace, h: _T) -> _T:
+    s = tr.run.shape
+    logits = tr.linear(h, s.hidden_size, s.vocab_size, trainable=tr.run.full_ft, dtype=tr.run.param_dtype)
+    if s.final_logit_softcap:  # Gemma 2: tanh(logits / cap) · cap keeps the tanh
+        tr.save(tr.new(logits.numel, logits.dtype, True))
+    return logits
+
+
+def _transformers_loss_bytes(run: _Run, logits: _T) -> dict[str, int]:
+    """The `_Activations` loss fields of transformers' own loss (ForCausalLMLoss, or the older
+    shifted copy): the whole micro-batch's logits, their fp32 copy and the log-softmax."""
+    s, layout = run.shape, run.loss
     loss_dtype = "fp32" if layout.upcast else logits.dtype
     upcast = run.block(run.tokens * s.vocab_size * 4) if loss_dtype != logits.dtype else 0
     if layout.shifted_copy:  # shift_logits = logits[..., :-1, :].contiguous(); labels[..., 1:].contiguous()
@@ -700,41 +709,23 @@ def _walk(run: _Run) -> _Activations:
         rows = run.tokens
         labels = (run.seq + 1) * 8 if run.batch == 1 else run.tokens * 8  # pad(labels)[..., 1:].contiguous()
     loss_cells = run.block(rows * s.vocab_size * ITEMSIZE[loss_dtype])
-    return _Activations(
-        embedding=embedding,
-        first_layer=first,
-        per_layer=per_layer,
-        head=head,
-        mask=mask,
+    return dict(
         loss_saved=loss_cells + run.block(labels) + run.block(4),  # log_softmax output, target, total_weight
-        hidden=tr.hidden + later_hidden,
+        unseen=0,
         logits=logits.storage,
         loss_upcast=upcast,
         loss_shifted=loss_cells if layout.shifted_copy else 0,
         loss_head=logits.storage if layout.keeps_head_output or not upcast else 0,
         loss_cells=loss_cells,
         chunk_peak=0,
-        layer_full=_own_bytes(layer, layer_input),
-        by_tag=tags,
-        layer_tags=dict(layer.by_tag),
     )
 
 
-def _chunked_loss_activations(
-    run: _Run,
-    embedding: int,
-    first: int,
-    per_layer: int,
-    head: int,
-    mask: int,
-    hidden: int,
-    layer: _Trace,
-    layer_input: _T,
-    tags: dict[str, int],
-) -> _Activations:
-    """The loss of trainer/chunked_loss.py: its forward keeps the gradients it made (the head's
-    input, and the head's weight and bias when they train) and, one chunk at a time, that chunk's
-    logits and their fp32 scores, overwritten in place into the softmax and the gradient."""
+def _chunked_loss_bytes(run: _Run) -> dict[str, int]:
+    """The `_Activations` loss fields of trainer/chunked_loss.py: its forward keeps the gradients
+    it made (the head's input, and the head's weight and bias when they train) and, one chunk at a
+    time, that chunk's logits and their fp32 scores, overwritten in place into the softmax and the
+    gradient."""
     s = run.shape
     size = ITEMSIZE[run.compute_dtype]
     cells = min(run.loss_chunk, run.tokens) * s.vocab_size
@@ -751,23 +742,15 @@ def _chunked_loss_activations(
         made += run.block(s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype])
         if s.lm_head_bias:
             made += run.block(s.vocab_size * ITEMSIZE[run.param_dtype])
-    return _Activations(
-        embedding=embedding,
-        first_layer=first,
-        per_layer=per_layer,
-        head=head,
-        mask=mask,
+    return dict(
         loss_saved=made,
-        hidden=hidden + made,  # kept on the autograd ctx, not saved: saved-tensor hooks never see them
+        unseen=made,  # kept on the autograd ctx, not saved: saved-tensor hooks never see them
         logits=0,
         loss_upcast=0,
         loss_shifted=0,
         loss_head=0,
         loss_cells=0,
         chunk_peak=in_flight,
-        layer_full=_own_bytes(layer, layer_input),
-        by_tag=tags,
-        layer_tags=dict(layer.by_tag),
     )
 
 
