@@ -86,8 +86,11 @@ class StepSample:
         """Flat, one key per `step_samples` column (the readings' own timestamps excluded):
         the form the database stores and a post-mortem's recent steps keep."""
         flat = {name: getattr(self, name) for name in _STEP_FIELDS}
-        for reading_type, reading in ((AllocatorReading, self.allocator), (TensorBreakdown, self.tensors),
-                                      (HostReading, self.host)):
+        for reading_type, reading in (
+            (AllocatorReading, self.allocator),
+            (TensorBreakdown, self.tensors),
+            (HostReading, self.host),
+        ):
             for field in fields(reading_type):
                 if field.name != "taken_at":
                     flat[field.name] = getattr(reading, field.name) if reading is not None else None
@@ -112,6 +115,11 @@ class LayerReading:
     forward_alloc_delta_bytes: int | None = None
     forward_peak_bytes: int | None = None
     backward_peak_bytes: int | None = None
+
+
+# `PostMortem.module` for a failure in the loss over the logits: after the LM head's forward, or in
+# backward before it reaches the head (collector.whereabouts places it; no module of the model's).
+LOSS_MODULE = "loss"
 
 
 @dataclass(frozen=True)

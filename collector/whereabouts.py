@@ -28,7 +28,14 @@ from types import TracebackType
 
 import torch
 
+from collector.readings import LOSS_MODULE
+
 PHASES = ("setup", "data", "forward", "backward", "optimizer", "eval", "checkpoint_save")
+# Where a failure after the LM head's forward, or before backward reaches it, is placed: the loss
+# over the logits (transformers' upcast, log-softmax and their gradients), no module of the model's.
+LOSS = LOSS_MODULE
+# Functions whose frames mean the loss is being computed (transformers' shared loss, torch's).
+_LOSS_FUNCTIONS = frozenset({"ForCausalLMLoss", "fixed_cross_entropy", "cross_entropy", "nll_loss", "log_softmax"})
 
 # Prefixes peft and wrappers add in front of the names users know from the base model.
 _WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
@@ -153,6 +160,22 @@ def _has_run(node: object) -> bool | None:
     return state
 
 
+def _output_embeddings(model: torch.nn.Module) -> object:
+    """The LM head (transformers' `get_output_embeddings`, through a peft wrapper), or None."""
+    try:
+        return model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
+def _in_loss_function(tb: TracebackType | None) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in _LOSS_FUNCTIONS:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _graph_nodes(roots: Iterable[object]) -> list[object]:
     seen: dict[int, object] = {}  # holding each node keeps its Python wrapper, and so its id, unique
     todo = list(roots)
@@ -175,7 +198,7 @@ def locate_in_graph(roots: Iterable[object], module_ends: list[tuple[int, str]])
     the highest number still holding them is the failing node, or the nearest one below it when
     the failing node saves nothing. `module_ends` holds, in creation order, the number of each
     innermost module's output node and its name; a node belongs to the first module ending at or
-    after it, and past the last one (the loss) to none."""
+    after it, and past the last one to the loss (LOSS)."""
     highest_pending = -1
     for node in _graph_nodes(roots):
         number = node._sequence_nr()
@@ -184,7 +207,7 @@ def locate_in_graph(roots: Iterable[object], module_ends: list[tuple[int, str]])
     if highest_pending < 0 or not module_ends:
         return None
     index = bisect.bisect_left([number for number, _ in module_ends], highest_pending)
-    return module_ends[index][1] if index < len(module_ends) else None
+    return module_ends[index][1] if index < len(module_ends) else LOSS
 
 
 @dataclass(frozen=True)
@@ -209,6 +232,11 @@ class Whereabouts:
         self.batch_shape: dict | None = None
         self._forward_stack: list[str] = []
         self._backward_module: str | None = None
+        # The LM head's name, whether its forward has returned in this micro-batch, and whether
+        # backward has reached any tracked module yet: a failure between the two is in the loss.
+        self._head: str | None = None
+        self._head_done = False
+        self._backward_entered = False
         self._handles: list = []
         self._tracking = False
         self._shallow_modules: list[tuple[torch.nn.Module, str]] = []
@@ -236,8 +264,10 @@ class Whereabouts:
         if phase == "forward":
             self._forward_stack.clear()
             self._graph_marks.clear()  # the last micro-batch's graph is done with
+            self._head_done = False
         elif phase == "backward":
             self._backward_module = None
+            self._backward_entered = False
 
     def set_batch(self, batch_size: int, seq_len: int) -> None:
         self.batch_shape = {"batch_size": batch_size, "seq_len": seq_len}
@@ -269,6 +299,7 @@ class Whereabouts:
             for module, shown in self._shallow_modules
             if not any(other.startswith(shown + ".") for other in names)
         ]
+        self._head = self._names_by_id.get(id(_output_embeddings(model)))
         self._tracking = True
         self._reads_graph = not _uses_gradient_checkpointing(model)
         self._model = model
@@ -341,7 +372,11 @@ class Whereabouts:
         forward with grad enabled and no backward after it (an evaluation outside `no_grad`) would
         keep its saved tensors alive that long."""
 
+        is_head = name is not None and name == self._head
+
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            if is_head:
+                self._head_done = True
             tensor = _first_grad_tensor(output)
             node = tensor.grad_fn if tensor is not None else None
             if node is not None:
@@ -352,16 +387,22 @@ class Whereabouts:
     def _enter_marker(self, name: str) -> Callable:
         """An ordinary step's only hook on a module: when backward reaches its output, it is inside it."""
         backward_enter = self._backward_enter(name)
+        is_head = name == self._head
 
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            if is_head:
+                self._head_done = True
             _on_gradient_of(output, backward_enter)
 
         return hook
 
     def _post_hook(self, name: str, backward: bool) -> Callable:
         backward_enter = self._backward_enter(name)
+        is_head = name == self._head
 
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            if is_head:
+                self._head_done = True
             if self._forward_stack and self._forward_stack[-1] == name:
                 self._forward_stack.pop()
             if self.listeners:
@@ -375,6 +416,7 @@ class Whereabouts:
     # hooks fire together. Enter keeps the deepest module; exit only leaves a module we are in.
     def _backward_enter(self, name: str) -> Callable:
         def hook(grad: torch.Tensor) -> None:
+            self._backward_entered = True
             current = self._backward_module
             if current is None or not current.startswith(name + "."):
                 self._backward_module = name
@@ -415,19 +457,30 @@ class Whereabouts:
         model's frames: exact down to the projection or norm that failed, on any step (the hooks
         follow projections on profiled steps only). A forward failure always has those frames; a
         backward one has them only inside a checkpointed layer's recomputation, and is otherwise
-        placed by the graph it left (`locate_in_graph`)."""
+        placed by the graph it left (`locate_in_graph`). A failure with no module's frames, after
+        the LM head's forward or before backward reaches the head, is in the loss (LOSS)."""
         position = self.position()
         if error is None or position.phase not in ("forward", "backward") or not self._names_by_id:
             return position
         stack = self._stack_in(error.__traceback__)
         if stack:
             return dataclasses.replace(position, module=stack[-1], module_stack=stack)
-        if position.phase == "backward" and self._graph_marks:
+        module = None
+        if position.phase == "forward" and (self._head_done or _in_loss_function(error.__traceback__)):
+            module = LOSS
+        elif position.phase == "backward" and self._graph_marks:
             ends = sorted((number, name) for number, name, _ in self._graph_marks if name is not None)
             module = locate_in_graph([node for _, _, node in self._graph_marks], ends)
-            if module is not None:
-                return dataclasses.replace(position, module=module, module_stack=_module_prefixes(module))
+        elif position.phase == "backward" and self._follows_backward and not self._backward_entered:
+            module = LOSS  # the markers say where backward is: it failed before reaching the head
+        if module is not None:
+            return dataclasses.replace(position, module=module, module_stack=_module_prefixes(module))
         return position
+
+    @property
+    def _follows_backward(self) -> bool:
+        """Hooks say where backward is as it runs (markers under checkpointing, profiled steps)."""
+        return self._tracking and (self._detailed or not self._reads_graph)
 
     def _stack_in(self, tb: TracebackType | None) -> tuple[str, ...]:
         names: list[str] = []

@@ -283,3 +283,61 @@ def test_without_the_models_frames_the_hooks_position_stands():
     except MemoryError as error:
         assert where.position_at(error) == where.position()
     assert where.position_at(None) == where.position()
+
+
+def _loss_through(function):
+    """A loss_function that sends the logits through `function` first: a node past the LM head."""
+
+    def loss_function(logits, labels, vocab_size, **kwargs):
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        return ForCausalLMLoss(function(logits), labels, vocab_size, **kwargs)
+
+    return loss_function
+
+
+def _allocates_in_forward(logits):
+    torch.empty(1 << 60, dtype=torch.uint8)  # the CPU allocator's own "can't allocate memory"
+    raise AssertionError("the allocation above should have failed")
+
+
+@pytest.mark.parametrize("detail", [False, True])
+def test_a_forward_failure_in_the_loss_is_placed_in_the_loss(detail):
+    """After the LM head returns, only the loss runs (the fp32 upcast, the log-softmax): no module
+    of the model's is on the traceback, and "(no module)" told a user nothing."""
+    model = tiny_llama()
+    where = Whereabouts()
+    where.track_modules(model)
+    where.detail(detail)
+    model.loss_function = _loss_through(_allocates_in_forward)
+    ids = torch.randint(0, 128, (1, 16))
+    where.enter("forward", step=3, micro_batch=0)
+    with pytest.raises(RuntimeError, match="can't allocate memory") as failure:
+        model(input_ids=ids, labels=ids)
+    position = where.position_at(failure.value)
+    assert (position.phase, position.module, position.module_stack) == ("forward", "loss", ("loss",))
+    # The same failure before the head's forward is not the loss: the embedding's frame names it.
+    model.model.embed_tokens.forward = _fail
+    position = where.position_at(_failure(model, where, ids))
+    assert position.module == "model.embed_tokens"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_backward_failure_in_the_loss_is_placed_in_the_loss(checkpointing):
+    """Backward starts in the loss: read from the graph on ordinary steps, from the markers (none
+    reached yet) under gradient checkpointing."""
+    model = tiny_llama()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    where = Whereabouts()
+    where.track_modules(model)
+    model.loss_function = _loss_through(lambda logits: _AllocatesInBackward.apply(logits, True))
+    ids = torch.randint(0, 128, (2, 16))
+    where.enter("forward", step=5, micro_batch=1)
+    loss = model(input_ids=ids, labels=ids).loss
+    where.enter("backward")
+    with pytest.raises(RuntimeError, match="can't allocate memory") as failure:
+        loss.backward()
+    position = where.position_at(failure.value)
+    assert (position.phase, position.module) == ("backward", "loss")
