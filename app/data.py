@@ -25,7 +25,15 @@ from db.queries import (
     StepRecord,
     StepSeries,
 )
-from diagnosis.suggest import Suggestion, cached_bytes, evidence_for_run, shortfall_bytes, suggest
+from diagnosis.failed_request import request_sentence
+from diagnosis.suggest import (
+    Suggestion,
+    cached_bytes,
+    evidence_for_run,
+    failed_request_matches,
+    shortfall_bytes,
+    suggest,
+)
 
 # Under the live page's refresh period (app/screens/run.py), so each refresh reads fresh rows.
 TTL_S = 1.0
@@ -123,6 +131,8 @@ class Diagnosis:
     fixes: list[Suggestion]
     cached_bytes: int | None
     shortfall_bytes: int | None
+    # What the failed request was, with the arithmetic (diagnosis.failed_request); None when unnamed.
+    request: str | None = None
 
 
 @st.cache_data(ttl=TTL_S * 30, show_spinner=False)
@@ -132,7 +142,8 @@ def diagnosis(url: str, run_id: int) -> Diagnosis | None:
     if run is None or postmortem is None:
         return None
     evidence = evidence_for_run(dataclasses.asdict(postmortem), run.config, run.environment)
-    return Diagnosis(suggest(evidence), cached_bytes(evidence), shortfall_bytes(evidence))
+    request = request_sentence(postmortem.requested_bytes, failed_request_matches(evidence))
+    return Diagnosis(suggest(evidence), cached_bytes(evidence), shortfall_bytes(evidence), request)
 
 
 _CACHED: tuple[Callable, ...] = (

@@ -44,6 +44,8 @@ def header(url: str, run: RunRecord, pm: PostmortemRecord) -> None:
         for column, figure in zip(st.columns(3), row, strict=False):
             column.metric(figure.label, figure.value, help=figure.help)
     st.markdown(view.where(pm))
+    if diagnosis is not None and diagnosis.request:
+        st.markdown(f"**What it asked for:** {diagnosis.request}")
     gpu = view.gpu_line(pm)
     if gpu:
         st.caption(gpu)

@@ -223,6 +223,15 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
     )
 
 
+def step_facts(
+    cfg: RunConfig, *, device: str = "cuda", shape: ModelShape | None = None, transformers: str | None = None
+) -> _Run:
+    """The facts the byte counts rest on (dtypes, attention kernel, loss layout), for readers that
+    name tensors rather than count them (diagnosis.failed_request): one resolution for both."""
+    shape = shape or shape_for(cfg.model.name)
+    return _resolve(cfg, shape, device, Libraries.that_run(transformers=transformers))
+
+
 # --- the symbolic forward ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class _T:

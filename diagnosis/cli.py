@@ -172,8 +172,9 @@ def _message_text(m) -> str:
 
 
 def _cmd_suggest(args: argparse.Namespace) -> int:
+    from diagnosis.failed_request import request_sentence
     from diagnosis.oom_text import parse_oom
-    from diagnosis.suggest import Evidence, suggest, suggestions_json
+    from diagnosis.suggest import Evidence, failed_request_matches, requested_bytes, suggest, suggestions_json
 
     cfg = _config(args)
     message = postmortem = None
@@ -209,12 +210,16 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         cfg, message, postmortem, snapshot, _capacity(args), torch_version, bitsandbytes, transformers, args.gpu
     )
     items = suggest(evidence)
+    request = failed_request_matches(evidence)
     text = "\n".join(
         f"{i}. [{s.category}] {s.change}\n   saves {human_bytes(s.saves_bytes)}"
         f"{'' if s.helps else ' (cannot help)'}, {s.confidence} confidence: {s.why}"
         for i, s in enumerate(items, 1)
     )
-    _emit(suggestions_json(items), args.json, text or "No suggestion applies.")
+    named = request_sentence(requested_bytes(evidence), request)
+    text = "\n".join(part for part in (named, text or "No suggestion applies.") if part)
+    document = {**suggestions_json(items), "failed_request": [match.to_json() for match in request]}
+    _emit(document, args.json, text)
     return EXIT_OK
 
 

@@ -23,7 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from collector.readings import LOSS_MODULE
 from diagnosis.estimate import MemoryEstimate
+from diagnosis.failed_request import ATTENTION, LOGITS_LOSS, RequestMatch, match_failed_request, postmortem_request
 from diagnosis.libraries import (
     BNB_MATMUL4BIT_DROPS_INPUT,
     CHECKPOINTING_LOST_AND_RESTORED,
@@ -280,6 +282,18 @@ class _Context:
     device: str
     base: MemoryEstimate | None
     shortfall: int | None
+    # The tensors of the config's step that are the failed request's size (diagnosis.failed_request).
+    request: list[RequestMatch] = field(default_factory=list)
+
+    def request_is(self, location: str) -> RequestMatch | None:
+        """The failed request's tensor, when its best reading lies in `location`."""
+        return self.request[0] if self.request and self.request[0].location == location else None
+
+    def request_text(self, location: str) -> str:
+        match = self.request_is(location)
+        if match is None:
+            return ""
+        return f" The failed {human_bytes(requested_bytes(self.ev))} request is {match.formula}: {match.what}."
 
     def what_if(self, patch: Mapping[str, Any]) -> int | None:
         """Peak bytes the change saves, by the estimator; None when the patched config is invalid."""
@@ -427,8 +441,10 @@ def _rule_efficient_attention(ctx: _Context) -> list[Suggestion]:
         f"Eager attention stores the full {seq:,}×{seq:,} score and probability matrices per head and layer; "
         "sdpa (built into torch) and flash_attention_2 never materialise them"
         + (f": saves {human_bytes(saves)}." if saves else ".")
+        + ctx.request_text(ATTENTION)
     )
-    confidence: Confidence = "high" if _share_of_peak(ctx, saves) > 0.1 else "medium"
+    big = _share_of_peak(ctx, saves) > 0.1 or ctx.request_is(ATTENTION) is not None
+    confidence: Confidence = "high" if big else "medium"
     return [
         Suggestion(
             "efficient_attention",
@@ -450,7 +466,23 @@ def loss_chunk_for(tokens: int) -> int:
 
 
 def _failed_in_the_loss(ev: Evidence) -> bool:
-    return ev.message is not None and ev.message.location == "logits_loss"
+    """A traceback that ends in the LM head or the loss (a pasted log, or where the runner placed it)."""
+    if ev.message is not None and ev.message.location == "logits_loss":
+        return True
+    return ev.postmortem is not None and ev.postmortem.get("module") in (LOSS_MODULE, "lm_head")
+
+
+def failed_request_matches(ev: Evidence) -> list[RequestMatch]:
+    """What the failed request was, read against the config: a recorded post-mortem's exact size,
+    or a pasted message's (CUDA prints it to two decimals; the CPU allocator gives bytes)."""
+    if ev.config is None:
+        return []
+    if ev.postmortem is not None:
+        return postmortem_request(ev.postmortem, ev.config)
+    if ev.message is None:
+        return []
+    on_cpu = _on_cpu(ev)
+    return match_failed_request(requested_bytes(ev), ev.config, device="cpu" if on_cpu else "cuda", printed=not on_cpu)
 
 
 def _chunked_loss_unestimated(ev: Evidence) -> list[Suggestion]:
@@ -491,9 +523,9 @@ def _rule_chunked_loss(ctx: _Context) -> list[Suggestion]:
         + (f": {human_bytes(logits)} ({source}){_peak_text(ctx)}" if logits else "")
         + f"; computing the LM head and cross-entropy {chunk:,} tokens at a time, gradients made in forward "
         "(as Liger-Kernel's fused linear cross-entropy), gives the same loss and gradients without them"
-        f": saves {human_bytes(saves)}."
+        f": saves {human_bytes(saves)}." + ctx.request_text(LOGITS_LOSS)
     )
-    big = _share_of_peak(ctx, saves) > 0.1 or _failed_in_the_loss(ctx.ev)
+    big = _share_of_peak(ctx, saves) > 0.1 or _failed_in_the_loss(ctx.ev) or ctx.request_is(LOGITS_LOSS) is not None
     confidence: Confidence = "high" if big else "medium"
     return [Suggestion("chunked_loss", _change_text(patch), saves, confidence, why, patch)]
 
@@ -945,7 +977,7 @@ def _context(ev: Evidence, estimator: Estimator | None) -> _Context:
     estimator = estimator or _default_estimator()
     device = "cpu" if _on_cpu(ev) else "cuda"
     base = _estimate(ev, estimator, ev.config, device) if ev.config is not None and estimator is not None else None
-    return _Context(ev, estimator, device, base, _shortfall(ev, base))
+    return _Context(ev, estimator, device, base, _shortfall(ev, base), failed_request_matches(ev))
 
 
 def suggest(ev: Evidence, estimator: Estimator | None = None) -> list[Suggestion]:

@@ -129,13 +129,17 @@ def _postmortem(args: argparse.Namespace) -> int:
         print(f"no post-mortem for run {args.run} (only runs that ran out of memory have one)", file=sys.stderr)
         return exit_codes.FAILED
     from db.queries import get_run
-    from diagnosis.suggest import evidence_for_run, suggest
+    from diagnosis.failed_request import request_sentence
+    from diagnosis.suggest import evidence_for_run, failed_request_matches, suggest
 
     run = get_run(engine, record.run_id)
     data = dataclasses.asdict(record)
-    fixes = suggest(evidence_for_run(data, run.config if run else None, run.environment if run else None))
+    evidence = evidence_for_run(data, run.config if run else None, run.environment if run else None)
+    fixes = suggest(evidence)
+    request = failed_request_matches(evidence)
     if args.json:
-        print(json.dumps({**data, "suggestions": [fix.to_json() for fix in fixes]}, indent=2, default=list))
+        named = {"failed_request": [match.to_json() for match in request]}
+        print(json.dumps({**data, **named, "suggestions": [fix.to_json() for fix in fixes]}, indent=2, default=list))
     else:
-        print(postmortem_report(record, fixes))
+        print(postmortem_report(record, fixes, request_sentence(record.requested_bytes, request)))
     return exit_codes.COMPLETED

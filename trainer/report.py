@@ -48,13 +48,15 @@ def run_report(run: RunRecord, steps: list[StepRecord]) -> str:
     return "\n".join(lines)
 
 
-def postmortem_report(pm: PostmortemRecord, fixes: Sequence[Suggestion] = ()) -> str:
+def postmortem_report(pm: PostmortemRecord, fixes: Sequence[Suggestion] = (), request: str | None = None) -> str:
+    """`request`: what the failed request was (diagnosis.failed_request.request_sentence)."""
     shape = pm.batch_shape or {}
     lines = [
         f"run {pm.run_id} ran out of memory at step {pm.step}, micro-batch {pm.micro_batch}, "
         f"in {pm.phase} of {pm.module or '(no module)'}",
         f"  batch: {shape.get('batch_size', '?')} x {shape.get('seq_len', '?')} tokens; "
         f"failed request: {human_bytes(pm.requested_bytes)} on {pm.device}",
+        *([f"  {request}"] if request else []),
         f"  finding: {pm.finding}",
         f"  {pm.error_type}: {pm.error_text.strip().splitlines()[-1] if pm.error_text.strip() else ''}",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collector.readings import LOSS_MODULE
 from db.queries import PostmortemRecord
 from diagnosis.device_use import device_use_at_failure
 from diagnosis.suggest import Suggestion
@@ -67,6 +68,11 @@ def where(pm: PostmortemRecord) -> str:
         if batch.get("batch_size") is not None and batch.get("seq_len") is not None
         else ""
     )
+    if pm.module == LOSS_MODULE:
+        return (
+            f"**Layer:** the loss, after `lm_head`{shape}: the logits' fp32 copy, log-softmax and their "
+            "gradients over the whole vocabulary, outside any module of the model."
+        )
     return f"**Layer:** `{pm.module}`{inside}{shape}."
 
 

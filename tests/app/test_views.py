@@ -91,3 +91,18 @@ def test_the_terminal_post_mortem_says_what_the_dashboard_says_about_the_card():
     missing = postmortem_report(_postmortem({"available": False, "reason": "no NVML on this machine"}))
     assert "GPU (NVML): no reading (no NVML on this machine)" in missing
     assert "NVML" not in postmortem_report(_postmortem(None))
+
+
+def test_a_failure_in_the_loss_reads_as_the_loss_and_the_request_is_named_in_both_views():
+    import dataclasses
+
+    from app.views.postmortem import where
+    from collector.readings import LOSS_MODULE
+    from trainer.report import postmortem_report
+
+    pm = dataclasses.replace(_postmortem(None), module=LOSS_MODULE, module_stack=(LOSS_MODULE,))
+    assert where(pm).startswith("**Layer:** the loss, after `lm_head`")
+    request = "The failed 500.0 MiB request is 4 × 1,024 × 32,000 × 4 B (batch, tokens, vocab; fp32): the logits."
+    report = postmortem_report(pm, (), request)
+    assert f"of {LOSS_MODULE}" in report.splitlines()[0] and f"  {request}" in report.splitlines()
+    assert "request is" not in postmortem_report(pm)

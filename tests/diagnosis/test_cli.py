@@ -83,6 +83,21 @@ def test_suggest_on_a_pasted_message():
     assert {"category", "change", "saves_bytes", "confidence", "why"} <= set(items[0])
 
 
+def test_suggest_names_the_failed_request_of_the_recorded_h100_oom(tmp_path):
+    """The real fraction-capped OOM recorded on the H100, pasted with its config."""
+    recorded = json.loads(
+        (REPO / "tests" / "fixtures" / "gpu" / "torch-2.11.0-cu130-NVIDIA-H100-80GB-HBM3" / "oom.json").read_text()
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(recorded["config"]))
+    result = diagnosis("suggest", "-", "--config", str(config), "--json", stdin=recorded["error_text"])
+    assert result.returncode == 0, result.stderr
+    (request,) = json.loads(result.stdout)["failed_request"]
+    assert request["location"] == "attention" and request["dims"] == {"batch": 2, "heads": 4, "tokens": 4096}
+    text = diagnosis("suggest", "-", "--config", str(config), stdin=recorded["error_text"]).stdout
+    assert text.startswith("The failed 512.0 MiB request is 2 × 4 × 4,096 × 4,096 × 4 B")
+
+
 def test_snapshot_summary_and_refusal_of_code(tmp_path):
     snapshot = REPO / "tests" / "fixtures" / "snapshots"
     first = sorted(snapshot.glob("*.pickle*"))[0]

@@ -89,6 +89,8 @@ def test_scenario_one_launch_oom_post_mortem_apply_fix_relaunch_compare(server, 
     expect(main.get_by_test_id("stMetric").filter(has_text="Step")).to_contain_text("1")
     expect(main.get_by_test_id("stMetric").filter(has_text="Phase")).to_contain_text("forward")
     expect(main).to_contain_text("model.layers.0.self_attn")  # the layer it died in
+    # What the failed request was: eager attention's scores, with the arithmetic.
+    expect(main).to_contain_text("The failed 512.0 MiB request is 2 × 4 × 4,096 × 4,096 × 4 B")
     expect(main.get_by_text(re.compile(r"^1\. efficient attention"))).to_be_visible()
     expect(main.get_by_text(re.compile(r"^2\. "))).to_be_visible()  # ranked: more than one fix
     expect(main.get_by_text("model.attn_implementation=sdpa", exact=True).first).to_be_visible()
