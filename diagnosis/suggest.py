@@ -405,18 +405,24 @@ def _rule_alloc_conf(ctx: _Context) -> list[Suggestion]:
     return [Suggestion("alloc_conf", change, cached, "low", why, patch, helps=False)]
 
 
+SAVED_SO_FAR = "saved so far by the forward that failed"
+
+
 def _component(ctx: _Context, key: str) -> tuple[int | None, str]:
     """A component's bytes, measured at the failure if the runner saw it, else estimated."""
     measured = _measured(ctx.ev)
     if key in measured:
         if key == "activations" and (ctx.ev.postmortem or {}).get("phase") == "forward":
             # A forward that failed part-way had saved only some of its activations.
-            return measured[key], "saved so far by the forward that failed"
+            return measured[key], SAVED_SO_FAR
         return measured[key], "measured at the failure"
-    if ctx.base is not None:
-        value = ctx.base.totals.get(key, ctx.base.breakdown.get(key))
-        return value, "estimated"
-    return None, ""
+    return _estimated(ctx, key), "estimated" if ctx.base is not None else ""
+
+
+def _estimated(ctx: _Context, key: str) -> int | None:
+    if ctx.base is None:
+        return None
+    return ctx.base.totals.get(key, ctx.base.breakdown.get(key))
 
 
 def _share_of_peak(ctx: _Context, saves: int | None) -> float:
@@ -540,9 +546,15 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
     patch = {"model.gradient_checkpointing": True}
     saves = ctx.what_if(patch)
     why = "Gradient checkpointing keeps only each layer's input and recomputes the rest in backward (~30% slower)"
+    whole = activations
     if activations is not None:
-        why += f"; activations were {human_bytes(activations)} ({source}){_peak_text(ctx)}"
-    if saves and activations is not None and saves > activations:
+        why += f"; activations were {human_bytes(activations)} ({source})"
+        if source == SAVED_SO_FAR and _estimated(ctx, "activations") is not None:
+            # A part of the step's: the saving is measured against the whole step's, estimated.
+            whole = _estimated(ctx, "activations")
+            why += f", {human_bytes(whole)} for the whole step (estimated)"
+        why += _peak_text(ctx)
+    if saves and whole is not None and saves > whole and ctx.device == "cuda":
         # The saving is on the device, where the allocator's reserve grows and shrinks with the tensors.
         why += f": saves {human_bytes(saves)} on the device, the allocator's reserve on those bytes included."
     else:

@@ -11,7 +11,7 @@ from diagnosis.analytic import estimate_analytic
 from diagnosis.estimate import BREAKDOWN_KEYS, MemoryEstimate
 from diagnosis.oom_text import parse_oom
 from diagnosis.suggest import CATEGORIES, Evidence, suggest
-from diagnosis.units import GIB, MIB
+from diagnosis.units import GIB, MIB, human_bytes
 from trainer.config import RunConfig, validate_config
 
 MESSAGES = {
@@ -327,6 +327,30 @@ def test_a_checkpointing_saving_larger_than_the_activations_says_it_is_counted_o
         if s.category == "gradient_checkpointing"
     ]
     assert "reserve" not in on_cpu.why  # no allocator reserve on the CPU: the saving is the activations'
+
+
+def test_a_forward_that_failed_part_way_is_measured_against_the_whole_steps_activations():
+    """examples/cpu-oom.yaml dies in layer 0's attention with 7 MiB saved: a saving of hundreds of
+    MiB is set beside the whole step's activations (estimated), not explained away by an allocator
+    reserve the CPU does not have."""
+    cfg = validate_config(
+        {
+            "model": {"name": "tiny-llama", "attn_implementation": "eager"},
+            "data": {"seq_len": 4096},
+            "train": {"device": "cpu"},
+            "memory": {"limit_gb": 0.25},
+        }
+    )
+    postmortem = {"phase": "forward", "device": "cpu", "tensors": {"activation_bytes": 7 * MIB}}
+    (item,) = [
+        s
+        for s in suggest(Evidence(config=cfg, postmortem=postmortem), estimate_analytic)
+        if s.category == "gradient_checkpointing"
+    ]
+    whole = estimate_analytic(cfg, device="cpu").breakdown["activations"]
+    assert item.saves_bytes > 7 * MIB and "reserve" not in item.why
+    assert "7.0 MiB (saved so far by the forward that failed)" in item.why
+    assert f"{human_bytes(whole)} for the whole step (estimated)" in item.why
 
 
 # --- the loss in chunks ------------------------------------------------------------------------------
