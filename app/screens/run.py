@@ -132,6 +132,9 @@ def _oom(url: str, run: RunRecord) -> None:
         f"Out of memory at step {postmortem.step}, micro-batch {postmortem.micro_batch}{where}{module}: "
         f"a request for {human_bytes(postmortem.requested_bytes)} failed on {postmortem.device}."
     )
+    diagnosis = data.diagnosis(url, run.id)
+    if diagnosis is not None and diagnosis.request:
+        st.markdown(f"**What it asked for:** {diagnosis.request}")
     st.info(postmortem.finding)
     at_failure = tensors_at_failure(postmortem)
     if at_failure:

@@ -80,6 +80,7 @@ def test_scenario_one_launch_oom_post_mortem_apply_fix_relaunch_compare(server, 
     expect(main.get_by_text(re.compile(r"Out of memory at step 1, micro-batch 0 in forward"))).to_be_visible(
         timeout=RUN_TIMEOUT_MS
     )
+    expect(main).to_contain_text("What it asked for: The failed 512.0 MiB request is 2 × 4 × 4,096 × 4,096 × 4 B")
     shot("run-oom")
 
     # Post-mortem: the step, the layer, and the fixes ranked, efficient attention first.
