@@ -73,6 +73,10 @@ if snapshot_file is not None:
         snapshot = read
         panels.snapshot_panel(snapshot)
 
+request = estimates.failed_request(config_yaml, message)
+if request:
+    st.markdown(f"**What it asked for:** {request}")
+
 if message is not None or snapshot is not None:
     st.subheader("Fixes, best first")
     fixes = estimates.suggestions(

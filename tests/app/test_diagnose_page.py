@@ -231,3 +231,18 @@ def test_a_run_described_by_preset_and_knobs_is_estimated():
     assert not app.exception
     assert not app.error
     assert any("efficient attention" in title for title in fix_titles(app))
+
+
+def test_a_pasted_message_with_its_config_says_what_the_failed_request_was():
+    """The OOM recorded on the H100 (tests/fixtures/gpu), pasted with the config it ran."""
+    import json
+
+    recorded = json.loads((FIXTURES / "gpu" / "torch-2.11.0-cu130-NVIDIA-H100-80GB-HBM3" / "oom.json").read_text())
+    app = diagnose(recorded["error_text"])
+    assert not [m for m in app.markdown if m.value.startswith("**What it asked for:**")]  # no config: no name
+    app.radio(key="diagnose.config_kind").set_value("yaml").run()
+    app.text_area(key="diagnose.config_yaml").input(yaml.safe_dump(recorded["config"])).run()
+
+    assert not app.exception
+    (named,) = [m.value for m in app.markdown if m.value.startswith("**What it asked for:**")]
+    assert "The failed 512.0 MiB request is 2 × 4 × 4,096 × 4,096 × 4 B" in named
