@@ -8,6 +8,7 @@ is skipped and says why; the CPU suite meets the same code through what a GPU ru
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import torch
 
 from db import open_engine
 from db.queries import device_samples, get_postmortem, get_run, step_samples
+from diagnosis.failed_request import postmortem_request
 from diagnosis.oom_text import parse_oom
 from diagnosis.snapshot import read_snapshot
 from tests.conftest import subprocess_env, trainer_command
+from trainer.config import validate_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -82,6 +85,36 @@ def test_a_fraction_capped_oom_is_caught_by_the_observer_with_its_snapshot_and_n
         assert pm.nvml["process_used_bytes"] is None or pm.nvml["process_used_bytes"] > 0
     else:
         assert pm.nvml["reason"]
+    # The observer's block is eager attention's scores, b × heads × s × s × 4 B, and is named so.
+    (named,) = postmortem_request(dataclasses.asdict(pm), validate_config(get_run(engine, run_id).config))
+    assert named.location == "attention", named
+
+
+def test_a_cuda_oom_in_the_loss_is_placed_in_the_loss_and_its_request_named(db_url, tmp_path):
+    """A 32k vocabulary under a 0.7 GiB cap: the step dies in the LM head or the loss over the logits,
+    and the observer's exact block is one of the logits' b × s × V × 4 B tensors."""
+    import transformers
+
+    config = transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=32_000, max_position_embeddings=4096,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    result, run_id = run(
+        db_url,
+        f"model.name={tmp_path / 'config.json'}",
+        "lora=null",
+        "data.seq_len=1024",
+        "train.micro_batch_size=4",
+        "train.max_steps=1",
+        "memory.limit_gb=0.7",
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    engine = open_engine(db_url)
+    pm = get_postmortem(engine, run_id)
+    assert pm.module in ("lm_head", "loss"), (pm.phase, pm.module, pm.traceback[-2000:])
+    (named,) = postmortem_request(dataclasses.asdict(pm), validate_config(get_run(engine, run_id).config))
+    assert named.location == "logits_loss" and dict(named.dims) == {"batch": 4, "tokens": 1024, "vocab": 32_000}
 
 
 def test_the_estimators_meet_a_measured_steady_state_step():
