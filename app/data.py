@@ -25,12 +25,11 @@ from db.queries import (
     StepRecord,
     StepSeries,
 )
-from diagnosis.failed_request import request_sentence
 from diagnosis.suggest import (
     Suggestion,
     cached_bytes,
     evidence_for_run,
-    failed_request_matches,
+    failed_request_text,
     shortfall_bytes,
     suggest,
 )
@@ -142,8 +141,9 @@ def diagnosis(url: str, run_id: int) -> Diagnosis | None:
     if run is None or postmortem is None:
         return None
     evidence = evidence_for_run(dataclasses.asdict(postmortem), run.config, run.environment)
-    request = request_sentence(postmortem.requested_bytes, failed_request_matches(evidence))
-    return Diagnosis(suggest(evidence), cached_bytes(evidence), shortfall_bytes(evidence), request)
+    return Diagnosis(
+        suggest(evidence), cached_bytes(evidence), shortfall_bytes(evidence), failed_request_text(evidence)
+    )
 
 
 _CACHED: tuple[Callable, ...] = (

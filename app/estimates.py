@@ -15,10 +15,9 @@ import yaml
 
 from diagnosis.analytic import estimate_analytic
 from diagnosis.estimate import MemoryEstimate
-from diagnosis.failed_request import request_sentence
 from diagnosis.fit import FitRow, fit_table
 from diagnosis.oom_text import OomMessage
-from diagnosis.suggest import Evidence, Suggestion, failed_request_matches, requested_bytes, suggest
+from diagnosis.suggest import Evidence, Suggestion, failed_request_text, suggest
 from trainer.config import RunConfig, validate_config
 
 
@@ -58,5 +57,4 @@ def failed_request(config_yaml: str | None, message: OomMessage | None) -> str |
     """What the pasted message's failed request was, for the described run (diagnosis.failed_request)."""
     if config_yaml is None or message is None:
         return None
-    evidence = Evidence(_config(config_yaml), message)
-    return request_sentence(requested_bytes(evidence), failed_request_matches(evidence))
+    return failed_request_text(Evidence(_config(config_yaml), message))

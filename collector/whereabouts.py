@@ -31,9 +31,6 @@ import torch
 from collector.readings import LOSS_MODULE
 
 PHASES = ("setup", "data", "forward", "backward", "optimizer", "eval", "checkpoint_save")
-# Where a failure after the LM head's forward, or before backward reaches it, is placed: the loss
-# over the logits (transformers' upcast, log-softmax and their gradients), no module of the model's.
-LOSS = LOSS_MODULE
 # Functions whose frames mean the loss is being computed (transformers' shared loss, torch's).
 _LOSS_FUNCTIONS = frozenset({"ForCausalLMLoss", "fixed_cross_entropy", "cross_entropy", "nll_loss", "log_softmax"})
 
@@ -198,7 +195,7 @@ def locate_in_graph(roots: Iterable[object], module_ends: list[tuple[int, str]])
     the highest number still holding them is the failing node, or the nearest one below it when
     the failing node saves nothing. `module_ends` holds, in creation order, the number of each
     innermost module's output node and its name; a node belongs to the first module ending at or
-    after it, and past the last one to the loss (LOSS)."""
+    after it, and past the last one to the loss (LOSS_MODULE)."""
     highest_pending = -1
     for node in _graph_nodes(roots):
         number = node._sequence_nr()
@@ -207,7 +204,7 @@ def locate_in_graph(roots: Iterable[object], module_ends: list[tuple[int, str]])
     if highest_pending < 0 or not module_ends:
         return None
     index = bisect.bisect_left([number for number, _ in module_ends], highest_pending)
-    return module_ends[index][1] if index < len(module_ends) else LOSS
+    return module_ends[index][1] if index < len(module_ends) else LOSS_MODULE
 
 
 @dataclass(frozen=True)
@@ -458,7 +455,7 @@ class Whereabouts:
         follow projections on profiled steps only). A forward failure always has those frames; a
         backward one has them only inside a checkpointed layer's recomputation, and is otherwise
         placed by the graph it left (`locate_in_graph`). A failure with no module's frames, after
-        the LM head's forward or before backward reaches the head, is in the loss (LOSS)."""
+        the LM head's forward or before backward reaches the head, is in the loss (LOSS_MODULE)."""
         position = self.position()
         if error is None or position.phase not in ("forward", "backward") or not self._names_by_id:
             return position
@@ -467,12 +464,12 @@ class Whereabouts:
             return dataclasses.replace(position, module=stack[-1], module_stack=stack)
         module = None
         if position.phase == "forward" and (self._head_done or _in_loss_function(error.__traceback__)):
-            module = LOSS
+            module = LOSS_MODULE
         elif position.phase == "backward" and self._graph_marks:
             ends = sorted((number, name) for number, name, _ in self._graph_marks if name is not None)
             module = locate_in_graph([node for _, _, node in self._graph_marks], ends)
         elif position.phase == "backward" and self._follows_backward and not self._backward_entered:
-            module = LOSS  # the markers say where backward is: it failed before reaching the head
+            module = LOSS_MODULE  # the markers say where backward is: it failed before reaching the head
         if module is not None:
             return dataclasses.replace(position, module=module, module_stack=_module_prefixes(module))
         return position

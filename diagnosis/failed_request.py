@@ -22,10 +22,9 @@ from typing import Any
 
 from diagnosis.analytic import ITEMSIZE, step_facts
 from diagnosis.architecture import ArchitectureError, ModelShape, shape_for
-from diagnosis.units import human_bytes
+from diagnosis.units import GIB, MIB, human_bytes
 from trainer.config import RunConfig
 
-MIB = 1024**2
 CUDA_BLOCK = 512
 CUDA_ROUND_LARGE = 2 * MIB
 CUDA_MIN_LARGE_ALLOC = 10 * MIB
@@ -34,7 +33,6 @@ CUDA_MIN_LARGE_ALLOC = 10 * MIB
 SMALLEST_NAMED = 8 * MIB
 _SMALLEST_TENSOR = {"cuda": CUDA_MIN_LARGE_ALLOC, "cpu": SMALLEST_NAMED}
 CPU_ALIGNMENT = 64
-GIB = 1024**3
 
 # Where each kind of tensor lives in the step, in oom_text's location vocabulary.
 LOGITS_LOSS = "logits_loss"
@@ -198,7 +196,7 @@ def match_failed_request(
     seq = (batch_shape or {}).get("seq_len") or cfg.data.seq_len
     try:
         candidates = _candidates(cfg, shape or shape_for(cfg.model.name), device, batch, seq)
-    except (ArchitectureError, FileNotFoundError, KeyError, ValueError):
+    except (ArchitectureError, OSError):  # not a model the estimator reads, or its config.json is gone
         return []
     tolerance = _tolerance(requested_bytes, device, printed)
     found = [
@@ -215,11 +213,10 @@ def request_sentence(requested_bytes: int | None, matches: list[RequestMatch]) -
     """One sentence for a post-mortem: what the failed request was, with the arithmetic."""
     if not matches:
         return None
-    first = matches[0]
+    first, others = matches[0], matches[1:3]
     text = f"The failed {human_bytes(requested_bytes)} request is {first.formula}: {first.what}"
-    others = [m for m in matches[1:] if m.location != first.location or m.what != first.what]
     if others:
-        text += "; or " + "; or ".join(f"{m.formula}: {m.what}" for m in others[:2])
+        text += "; or " + "; or ".join(f"{m.formula}: {m.what}" for m in others)
     return text + "."
 
 

@@ -25,7 +25,14 @@ from typing import Any, Literal
 
 from collector.readings import LOSS_MODULE
 from diagnosis.estimate import MemoryEstimate
-from diagnosis.failed_request import ATTENTION, LOGITS_LOSS, RequestMatch, match_failed_request, postmortem_request
+from diagnosis.failed_request import (
+    ATTENTION,
+    LOGITS_LOSS,
+    RequestMatch,
+    match_failed_request,
+    postmortem_request,
+    request_sentence,
+)
 from diagnosis.libraries import (
     BNB_MATMUL4BIT_DROPS_INPUT,
     CHECKPOINTING_LOST_AND_RESTORED,
@@ -291,9 +298,7 @@ class _Context:
 
     def request_text(self, location: str) -> str:
         match = self.request_is(location)
-        if match is None:
-            return ""
-        return f" The failed {human_bytes(requested_bytes(self.ev))} request is {match.formula}: {match.what}."
+        return "" if match is None else " " + request_sentence(requested_bytes(self.ev), [match])
 
     def what_if(self, patch: Mapping[str, Any]) -> int | None:
         """Peak bytes the change saves, by the estimator; None when the patched config is invalid."""
@@ -489,6 +494,11 @@ def failed_request_matches(ev: Evidence) -> list[RequestMatch]:
         return []
     on_cpu = _on_cpu(ev)
     return match_failed_request(requested_bytes(ev), ev.config, device="cpu" if on_cpu else "cuda", printed=not on_cpu)
+
+
+def failed_request_text(ev: Evidence) -> str | None:
+    """`failed_request_matches` as the sentence screens show ("The failed 4.6 GiB request is …")."""
+    return request_sentence(requested_bytes(ev), failed_request_matches(ev))
 
 
 def _chunked_loss_unestimated(ev: Evidence) -> list[Suggestion]:
