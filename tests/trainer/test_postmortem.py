@@ -158,6 +158,16 @@ def test_the_long_batch_that_triggered_it_is_named(db_url):
     assert f"{failing_len:,} tokens" in pm.finding and "long batch" in pm.finding
     match = re.search(r"([\d.]+)x the median", pm.finding)
     assert match and float(match.group(1)) >= 1.5
+    # The failed request is read at the failing batch's own length, not the config's 4,096.
+    shown = subprocess.run(
+        trainer_command("postmortem", str(run_id), "--db", db_url, "--json"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
+    request = json.loads(shown.stdout)["failed_request"]
+    assert request and request[0]["location"] == "attention" and request[0]["dims"]["tokens"] == failing_len, request
 
 
 def test_a_leak_across_steps_is_called_a_leak(db_url):
