@@ -492,8 +492,12 @@ def failed_request_matches(ev: Evidence) -> list[RequestMatch]:
         return postmortem_request(ev.postmortem, ev.config)
     if ev.message is None:
         return []
-    on_cpu = _on_cpu(ev)
-    return match_failed_request(requested_bytes(ev), ev.config, device="cpu" if on_cpu else "cuda", printed=not on_cpu)
+    backend = ev.message.backend
+    # ROCm builds share CUDA's caching allocator (and its block sizes); XPU and MPS allocators round
+    # their own way, so their sizes are matched as printed, without CUDA's blocks.
+    allocator = "cuda" if backend in ("cuda", "hip") else "cpu"
+    printed = backend not in ("cpu", "python")
+    return match_failed_request(requested_bytes(ev), ev.config, device=allocator, printed=printed)
 
 
 def failed_request_text(ev: Evidence) -> str | None:

@@ -81,6 +81,22 @@ def test_a_pasted_qwen_message_of_4_64_gib_is_the_logits_fp32_copy():
     assert chunked and "The failed 4.6 GiB request is 2 × 4,096 × 152,064 × 4 B" in chunked[0].why
 
 
+def test_rocm_and_mps_messages_are_read_by_their_own_allocators_rules():
+    """HIP shares CUDA's caching allocator; MPS prints the tensor's size to two decimals, unrounded."""
+    cfg = _qwen_7b()
+    hip = parse_oom(
+        "torch.OutOfMemoryError: HIP out of memory. Tried to allocate 4.64 GiB. GPU 0 has a total capacity of 23.98 GiB"
+    )
+    mps = parse_oom(
+        "RuntimeError: MPS backend out of memory (MPS allocated: 14.10 GiB, other allocations: 1.02 GiB, max allowed: "
+        "18.13 GiB). Tried to allocate 4.64 GiB on private pool."
+    )
+    assert (hip.backend, mps.backend) == ("hip", "mps")
+    for message in (hip, mps):
+        (match,) = failed_request_matches(Evidence(config=cfg, message=message))
+        assert match.location == LOGITS_LOSS and match.dtype == "fp32"
+
+
 def test_the_failing_batchs_own_length_is_what_is_matched():
     """Variable-length data: the post-mortem's batch (1 × 3,000 tokens), not the config's 4,096."""
     cfg = _qwen_7b(micro_batch_size=1)
