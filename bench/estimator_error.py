@@ -49,6 +49,8 @@ from trainer.config import ConfigError, RunConfig, validate_config
 
 POINTS_PATH = Path(__file__).with_name("published_measurements.yaml")
 RESULTS_PATH = Path(__file__).with_name("RESULTS.md")
+# The analytic estimator's measured error, for the screens that show an estimate (diagnosis.accuracy).
+MEASURED_ERROR_PATH = Path(__file__).resolve().parents[1] / "diagnosis" / "measured_error.json"
 SECTION_TITLE = "## Estimator error vs published measurements"
 
 # Which level of a MemoryEstimate a published metric is compared with.
@@ -507,12 +509,42 @@ def write_section(text: str, path: Path = RESULTS_PATH) -> None:
     path.write_text(updated.rstrip("\n") + "\n")
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def measured_error_document(rows: Sequence[Row], command: str) -> dict[str, Any]:
+    """The analytic mode's summaries, as diagnosis.accuracy reads them."""
+    return {
+        "measured": datetime.date.today().isoformat(),
+        "command": command,
+        "details": "bench/RESULTS.md, section: " + SECTION_TITLE.removeprefix("## "),
+        "analytic": [
+            {
+                "label": summary.label,
+                "count": summary.count,
+                "median_abs_pct": _rounded(summary.median_abs_pct),
+                "p90_abs_pct": _rounded(summary.p90_abs_pct),
+                "median_signed_pct": _rounded(summary.median_signed_pct),
+            }
+            for summary in summaries(rows, "analytic")
+        ],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=Path, default=POINTS_PATH, help="YAML of published measurements")
     parser.add_argument("--traced", action="store_true", help="also run the traced estimator (slow)")
     parser.add_argument("--only", nargs="+", metavar="ID", help="estimate these point ids only")
-    parser.add_argument("--write", action="store_true", help=f"replace the section in {RESULTS_PATH.name}")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help=f"replace the section in {RESULTS_PATH.name} and the summary in diagnosis/{MEASURED_ERROR_PATH.name}",
+    )
+    parser.add_argument(
+        "--write-summary", action="store_true", help=f"only rewrite diagnosis/{MEASURED_ERROR_PATH.name} (analytic)"
+    )
     parser.add_argument(
         "--no-recorded", action="store_true", help="leave out our own GPU recordings (tests/fixtures/gpu/*/peaks.json)"
     )
@@ -521,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     points, model_configs = load_points(args.points)
     if not args.no_recorded:
         points += recorded_points()
+    if args.only and (args.write or args.write_summary):
+        parser.error("--write and --write-summary need every point: drop --only")
     if args.only:
         unknown = sorted(set(args.only) - {point.id for point in points})
         if unknown:
@@ -538,6 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write:
         write_section(text)
         print(f"wrote the section to {RESULTS_PATH}", file=sys.stderr)
+    if args.write or args.write_summary:
+        document = measured_error_document(rows, command)
+        MEASURED_ERROR_PATH.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote the analytic summary to {MEASURED_ERROR_PATH}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ import streamlit as st
 
 from app import diagnosis_charts, estimates, plan_fields
 from app.views import plan as view
+from diagnosis import accuracy
 from diagnosis.estimate import MemoryEstimate
 from diagnosis.reserve import RESERVE_FRACTION, RESERVE_FRACTION_RANGE
 from diagnosis.units import human_bytes
@@ -45,6 +46,9 @@ def _estimate(cfg: RunConfig, gpu: tuple[str, int]) -> MemoryEstimate:
     )
     card.metric(label, human_bytes(capacity), help="what a process can use on this card")
     (st.success if fits else st.error)(margin)
+    trust = accuracy.trust_text(accuracy.measured_error())
+    if trust:
+        st.caption(trust)
     st.altair_chart(diagnosis_charts.estimate_chart(estimate, capacity), width="stretch")
     st.caption(f"The peak comes in the {estimate.peak_phase}. " + _lora_caption(cfg, label))
     for note in estimate.notes:

@@ -7,6 +7,7 @@ from functools import partial
 
 from app import nav
 from app.views import plan as view
+from diagnosis.accuracy import measured_error, trust_text
 from diagnosis.analytic import estimate_analytic
 from diagnosis.architecture import preset_config_dict, shape_for
 from diagnosis.fit import largest_fitting
@@ -50,6 +51,8 @@ def test_a_preset_on_a_card_shows_the_peak_its_parts_the_margin_and_what_fits():
     assert list(table["Setting"])[:3] == ["as is", "+ gradient checkpointing", "+ sdpa attention"]
     assert len(app.get("vega_lite_chart")) == 2  # the estimate, and the side-by-side in its expander
     assert any(caption.value.startswith("Note: ") for caption in app.caption)  # the estimate's own notes
+    # How far to trust it: the measured error, from the last bench run (diagnosis/measured_error.json).
+    assert trust_text(measured_error()) in [caption.value for caption in app.caption]
     assert not app.button(key="plan.traced").disabled
 
 
