@@ -268,6 +268,8 @@ def _estimate(cfg, traced: bool, device: str, versions: dict[str, str | None], g
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
+    from diagnosis.accuracy import measured_error, trust_text
+
     cfg = _config(args, required=True)
     capacity = _capacity(args)
     versions = {
@@ -285,6 +287,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         verdict = "fits" if data["fits"] else "does NOT fit"
         lines.append(f"capacity        {human_bytes(capacity)}: {verdict}")
     lines += [f"note: {note}" for note in result.notes]
+    trust = trust_text(measured_error()) if result.mode == "analytic" else None
+    if trust:
+        lines.append(f"accuracy: {trust}")
     _emit(data, args.json, "\n".join(lines))
     return EXIT_OK
 

@@ -143,6 +143,14 @@ def test_estimate_refuses_bad_input_with_the_key_named(args):
     assert "micro_batch_size" in result.stderr or "Z9000" in result.stderr
 
 
+def test_an_analytic_estimate_in_words_says_how_far_to_trust_it():
+    from diagnosis.accuracy import measured_error, trust_text
+
+    result = diagnosis("estimate", "--set", "model.name=llama-3-8b", "--gpu", "A100-80GB")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(f"accuracy: {trust_text(measured_error())}")
+
+
 def test_fit_answers_in_words_and_in_json():
     llama_3_8b = ("--set", "model.name=llama-3-8b", "--set", "model.dtype=bf16", "--gpu", "RTX-4090")
     fits = diagnosis("fit", *llama_3_8b)
