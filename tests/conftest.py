@@ -26,6 +26,22 @@ def trainer_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainer", *args]
 
 
+def postmortem_json(db_url: str, run: str | int = "latest") -> dict:
+    """`python -m trainer postmortem RUN --json` as a user runs it, parsed."""
+    import json
+    import subprocess
+
+    shown = subprocess.run(
+        trainer_command("postmortem", str(run), "--db", db_url, "--json"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+        check=True,
+    )
+    return json.loads(shown.stdout)
+
+
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

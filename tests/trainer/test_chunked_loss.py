@@ -17,7 +17,7 @@ from db import open_engine
 from db.queries import get_postmortem, get_run, step_samples
 from diagnosis.analytic import estimate_analytic
 from diagnosis.traced import estimate_traced
-from tests.conftest import subprocess_env
+from tests.conftest import postmortem_json, subprocess_env
 from tests.diagnosis.test_traced import make_config
 from tests.trainer.test_runner import first_line_run_id, run_trainer
 from trainer.chunked_loss import ChunkedLossError, causal_lm_loss, check_same_loss
@@ -140,15 +140,7 @@ def test_a_logits_oom_is_fixed_by_the_first_suggestion_in_a_real_run(tmp_path, d
     failed = run_trainer(tmp_path, db_url, config=config)
     assert failed.returncode == 3, failed.stderr[-3000:]
     # The post-mortem names the failed request: 4 × 1,024 × 32,000 × 4 B, the fp32 logits.
-    shown = subprocess.run(
-        [sys.executable, "-m", "trainer", "postmortem", "latest", "--db", db_url, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(),
-    )
-    assert shown.returncode == 0, shown.stderr[-3000:]
-    (request,) = json.loads(shown.stdout)["failed_request"]
+    (request,) = postmortem_json(db_url)["failed_request"]
     assert request["location"] == "logits_loss" and request["dims"] == {"batch": 4, "tokens": 1024, "vocab": 32000}
     advice = subprocess.run(
         [sys.executable, "-m", "diagnosis", "suggest", "--run", "latest", "--db", db_url, "--json"],

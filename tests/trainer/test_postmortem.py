@@ -11,7 +11,7 @@ import pytest
 
 from db import open_engine
 from db.queries import get_postmortem, get_run, step_samples
-from tests.conftest import subprocess_env, trainer_command
+from tests.conftest import postmortem_json, subprocess_env, trainer_command
 
 pytestmark = pytest.mark.slow
 
@@ -54,15 +54,7 @@ def test_oom_post_mortem_names_step_phase_and_layer(db_url):
     # Step 1 was being profiled: its partial profile shows the failing layer.
     assert "model.layers.0.self_attn" in {layer["module"] for layer in pm.layer_profile}
 
-    cli = subprocess.run(
-        trainer_command("postmortem", str(run_id), "--db", db_url, "--json"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=subprocess_env(),
-        check=True,
-    )
-    data = json.loads(cli.stdout)
+    data = postmortem_json(db_url, run_id)
     for key in ("run_id", "step", "phase", "module", "requested_bytes", "error_text", "finding"):
         assert key in data
     assert data["run_id"] == run_id and data["module"] == "model.layers.0.self_attn"
@@ -159,14 +151,7 @@ def test_the_long_batch_that_triggered_it_is_named(db_url):
     match = re.search(r"([\d.]+)x the median", pm.finding)
     assert match and float(match.group(1)) >= 1.5
     # The failed request is read at the failing batch's own length, not the config's 4,096.
-    shown = subprocess.run(
-        trainer_command("postmortem", str(run_id), "--db", db_url, "--json"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(),
-    )
-    request = json.loads(shown.stdout)["failed_request"]
+    request = postmortem_json(db_url, run_id)["failed_request"]
     assert request and request[0]["location"] == "attention" and request[0]["dims"]["tokens"] == failing_len, request
 
 
