@@ -635,19 +635,55 @@ def _rule_reduce_batch(ctx: _Context) -> list[Suggestion]:
     return [Suggestion("reduce_batch", _change_text(patch), saves, "high" if saves else "medium", why, patch)]
 
 
+# A cap found by the fit solver is rounded down to this many tokens (a length people write down).
+SEQ_LEN_STEP = 64
+
+
+def _longest_fitting_seq_len(ctx: _Context) -> int | None:
+    """The longest data.seq_len whose estimate fits the budget, when the step as configured does
+    not: a cap that cuts only what has to go, where halving can cut too much or too little."""
+    from diagnosis.fit import largest_fitting
+
+    cfg, capacity = ctx.ev.config, capacity_bytes(ctx.ev)
+    if cfg is None or capacity is None or ctx.estimator is None or not ctx.shortfall:
+        return None
+    result = largest_fitting(
+        cfg,
+        capacity,
+        "data.seq_len",
+        lambda changed: _estimate(ctx.ev, ctx.estimator, changed, ctx.device),
+        upper=cfg.data.seq_len - 1,
+    )
+    if result.value is None:
+        return None
+    rounded = result.value // SEQ_LEN_STEP * SEQ_LEN_STEP
+    return rounded if rounded >= SEQ_LEN_STEP else None
+
+
 def _rule_reduce_seq_len(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
     if cfg is None or cfg.data.seq_len < 256:
         return []
-    patch = {"data.seq_len": cfg.data.seq_len // 2}
-    if cfg.data.min_seq_len is not None and cfg.data.min_seq_len > cfg.data.seq_len // 2:
-        patch["data.min_seq_len"] = cfg.data.seq_len // 2
+    longest = _longest_fitting_seq_len(ctx)
+    target = longest if longest is not None else cfg.data.seq_len // 2
+    patch = {"data.seq_len": target}
+    if cfg.data.min_seq_len is not None and cfg.data.min_seq_len > target:
+        patch["data.min_seq_len"] = target
     saves = ctx.what_if(patch)
-    why = (
-        f"Halving the sequence length ({cfg.data.seq_len:,} → {cfg.data.seq_len // 2:,} tokens) halves activations "
-        "and logits (quarters eager attention scores), but changes what the model learns"
-        + (f": saves {human_bytes(saves)}." if saves else ".")
-    )
+    if longest is None:
+        why = (
+            f"Halving the sequence length ({cfg.data.seq_len:,} → {target:,} tokens) halves activations "
+            "and logits (quarters eager attention scores), but changes what the model learns"
+        )
+    else:
+        why = (
+            f"{target:,} tokens is the longest sequence whose estimated step fits in "
+            f"{human_bytes(capacity_bytes(ctx.ev))} (config: {cfg.data.seq_len:,}); capping data.seq_len there "
+            "truncates only longer samples, but changes what the model learns from them"
+        )
+        if cfg.data.vary_length:
+            why += "; with variable-length data, only the batches longer than that are cut"
+    why += f": saves {human_bytes(saves)}." if saves else "."
     return [Suggestion("reduce_seq_len", _change_text(patch), saves, "medium", why, patch)]
 
 

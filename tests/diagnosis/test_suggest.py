@@ -389,3 +389,30 @@ def test_a_pasted_log_that_failed_in_the_logits_names_the_chunked_loss_without_a
     elsewhere = parse_oom(MESSAGES["backward_call_chain"])
     assert elsewhere.location != "logits_loss"
     assert "chunked_loss" not in categories(suggest(Evidence(message=elsewhere)))
+
+
+def test_a_shorter_sequence_is_the_longest_that_fits_not_a_blind_half():
+    """With a budget known, the cap comes from the fit solver (rounded down to 64 tokens): it cuts
+    only what has to go. Without one, halving stands."""
+    from diagnosis.fit import largest_fitting
+
+    cfg = validate_config(
+        {
+            "model": {"name": "llama-3-8b", "dtype": "bf16"},
+            "lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"seq_len": 8192, "vary_length": True},
+            "train": {"micro_batch_size": 1},
+        }
+    )
+    longest = largest_fitting(cfg, 40 * GIB, "data.seq_len", estimate_analytic).value
+    assert 1024 < longest < 8192
+    (item,) = [
+        s
+        for s in suggest(Evidence(config=cfg, capacity_bytes=40 * GIB), estimate_analytic)
+        if s.category == "reduce_seq_len"
+    ]
+    assert item.patch == {"data.seq_len": longest // 64 * 64} and item.sufficient
+    assert f"{longest // 64 * 64:,} tokens is the longest sequence whose estimated step fits in 40.0 GiB" in item.why
+    assert "only the batches longer than that are cut" in item.why
+    (halved,) = [s for s in suggest(Evidence(config=cfg), estimate_analytic) if s.category == "reduce_seq_len"]
+    assert halved.patch == {"data.seq_len": 4096}
