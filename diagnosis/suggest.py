@@ -18,6 +18,7 @@ post-mortems call the same function.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -625,13 +626,26 @@ def _rule_reduce_batch(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
     if cfg is None or cfg.train.micro_batch_size < 2:
         return []
-    micro = cfg.train.micro_batch_size
-    patch = {"train.micro_batch_size": micro // 2, "train.grad_accum_steps": cfg.train.grad_accum_steps * 2}
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    largest = _largest_fitting(ctx, "train.micro_batch_size", micro - 1)
+    # A divisor of the micro-batch, so more accumulation keeps the effective batch exactly.
+    fitting = [d for d in range(1, micro) if micro % d == 0 and largest is not None and d <= largest]
+    target = fitting[-1] if fitting else micro // 2
+    factor = micro // target if micro % target == 0 else 2
+    patch = {"train.micro_batch_size": target, "train.grad_accum_steps": accum * factor}
     saves = ctx.what_if(patch)
-    why = (
-        f"Half the micro-batch ({micro} → {micro // 2}) with twice the accumulation keeps the effective batch "
-        f"and halves activations and logits" + (f": saves {human_bytes(saves)}." if saves else ".")
-    )
+    if fitting:
+        why = (
+            f"Micro-batch {micro} → {target}, the largest that divides it and whose estimated step fits in "
+            f"{human_bytes(capacity_bytes(ctx.ev))}, with {factor}× the accumulation keeps the effective batch "
+            f"({micro * accum}) and shrinks activations and logits {factor}×"
+        )
+    else:
+        why = (
+            f"Half the micro-batch ({micro} → {target}) with twice the accumulation keeps the effective batch "
+            "and halves activations and logits"
+        )
+    why += f": saves {human_bytes(saves)}." if saves else "."
     return [Suggestion("reduce_batch", _change_text(patch), saves, "high" if saves else "medium", why, patch)]
 
 
@@ -639,24 +653,23 @@ def _rule_reduce_batch(ctx: _Context) -> list[Suggestion]:
 SEQ_LEN_STEP = 64
 
 
-def _longest_fitting_seq_len(ctx: _Context) -> int | None:
-    """The longest data.seq_len whose estimate fits the budget, when the step as configured does
-    not: a cap that cuts only what has to go, where halving can cut too much or too little."""
+def _largest_fitting(ctx: _Context, knob: str, upper: int) -> int | None:
+    """The largest `knob` (up to `upper`) whose estimate fits the budget, when the step as
+    configured does not: a change that cuts only what has to go, where halving can cut too much
+    or too little. None without a budget, an estimator, or a value that fits."""
     from diagnosis.fit import largest_fitting
 
     cfg, capacity = ctx.ev.config, capacity_bytes(ctx.ev)
-    if cfg is None or capacity is None or ctx.estimator is None or not ctx.shortfall:
+    if cfg is None or capacity is None or ctx.estimator is None or not ctx.shortfall or upper < 1:
         return None
-    result = largest_fitting(
-        cfg,
-        capacity,
-        "data.seq_len",
-        lambda changed: _estimate(ctx.ev, ctx.estimator, changed, ctx.device),
-        upper=cfg.data.seq_len - 1,
-    )
-    if result.value is None:
-        return None
-    rounded = result.value // SEQ_LEN_STEP * SEQ_LEN_STEP
+    estimator = functools.partial(_estimate, ctx.ev, ctx.estimator, device=ctx.device)
+    return largest_fitting(cfg, capacity, knob, estimator, upper=upper).value
+
+
+def _longest_fitting_seq_len(ctx: _Context) -> int | None:
+    cfg = ctx.ev.config
+    longest = _largest_fitting(ctx, "data.seq_len", cfg.data.seq_len - 1) if cfg is not None else None
+    rounded = longest // SEQ_LEN_STEP * SEQ_LEN_STEP if longest is not None else 0
     return rounded if rounded >= SEQ_LEN_STEP else None
 
 

@@ -416,3 +416,27 @@ def test_a_shorter_sequence_is_the_longest_that_fits_not_a_blind_half():
     assert "only the batches longer than that are cut" in item.why
     (halved,) = [s for s in suggest(Evidence(config=cfg), estimate_analytic) if s.category == "reduce_seq_len"]
     assert halved.patch == {"data.seq_len": 4096}
+
+
+def test_a_smaller_micro_batch_is_the_largest_divisor_that_fits_with_the_effective_batch_kept():
+    from diagnosis.fit import largest_fitting
+
+    cfg = validate_config(
+        {
+            "model": {"name": "llama-3.2-1b", "dtype": "bf16"},
+            "data": {"seq_len": 4096},
+            "train": {"micro_batch_size": 8, "grad_accum_steps": 2},
+        }
+    )
+    largest = largest_fitting(cfg, 40 * GIB, "train.micro_batch_size", estimate_analytic).value
+    target = max(d for d in (1, 2, 4) if d <= largest)
+    assert target < 4  # not the blind half
+    (item,) = [
+        s
+        for s in suggest(Evidence(config=cfg, capacity_bytes=40 * GIB), estimate_analytic)
+        if s.category == "reduce_batch"
+    ]
+    assert item.patch == {"train.micro_batch_size": target, "train.grad_accum_steps": 2 * 8 // target}
+    assert item.sufficient and "keeps the effective batch (16)" in item.why
+    (halved,) = [s for s in suggest(Evidence(config=cfg), estimate_analytic) if s.category == "reduce_batch"]
+    assert halved.patch == {"train.micro_batch_size": 4, "train.grad_accum_steps": 4}
