@@ -412,13 +412,20 @@ def _rule_alloc_conf(ctx: _Context) -> list[Suggestion]:
 
 
 SAVED_SO_FAR = "saved so far by the forward that failed"
+# Made by the first backward and optimizer step: a step-1 failure before them measured none.
+NOT_YET_IN_STEP_ONE = ("optimizer_states", "gradients")
 
 
 def _component(ctx: _Context, key: str) -> tuple[int | None, str]:
     """A component's bytes, measured at the failure if the runner saw it, else estimated."""
     measured = _measured(ctx.ev)
+    postmortem = ctx.ev.postmortem or {}
+    if key in NOT_YET_IN_STEP_ONE and not measured.get(key) and postmortem.get("step") == 1 and ctx.base is not None:
+        # The first step failed before its optimizer step: there were no states or gradients yet to
+        # measure, and "0 B" would read as "none needed".
+        return _estimated(ctx, key), "estimated: not created yet when step 1 failed"
     if key in measured:
-        if key == "activations" and (ctx.ev.postmortem or {}).get("phase") == "forward":
+        if key == "activations" and postmortem.get("phase") == "forward":
             # A forward that failed part-way had saved only some of its activations.
             return measured[key], SAVED_SO_FAR
         return measured[key], "measured at the failure"
@@ -564,9 +571,10 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
     whole = activations
     if activations is not None:
         why += f"; activations were {human_bytes(activations)} ({source})"
-        if source == SAVED_SO_FAR and _estimated(ctx, "activations") is not None:
+        estimated = _estimated(ctx, "activations")
+        if source == SAVED_SO_FAR and estimated is not None and abs(estimated - activations) > 0.01 * estimated:
             # A part of the step's: the saving is measured against the whole step's, estimated.
-            whole = _estimated(ctx, "activations")
+            whole = estimated
             why += f", {human_bytes(whole)} for the whole step (estimated)"
         why += _peak_text(ctx)
     if saves and whole is not None and saves > whole and ctx.device == "cuda":

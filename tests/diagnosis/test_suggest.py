@@ -440,3 +440,22 @@ def test_a_smaller_micro_batch_is_the_largest_divisor_that_fits_with_the_effecti
     assert item.sufficient and "keeps the effective batch (16)" in item.why
     (halved,) = [s for s in suggest(Evidence(config=cfg), estimate_analytic) if s.category == "reduce_batch"]
     assert halved.patch == {"train.micro_batch_size": 4, "train.grad_accum_steps": 4}
+
+
+def test_states_a_first_step_had_not_made_yet_are_quoted_from_the_estimate_not_as_zero():
+    cfg = validate_config(
+        {"model": {"name": "llama-3.2-1b", "dtype": "bf16"}, "lora": None, "train": {"device": "cpu"}}
+    )
+    postmortem = {"step": 1, "phase": "forward", "device": "cpu", "tensors": {"optimizer_state_bytes": 0}}
+    (item,) = [
+        s
+        for s in suggest(Evidence(config=cfg, postmortem=postmortem), estimate_analytic)
+        if s.category == "optimizer_8bit"
+    ]
+    states = estimate_analytic(cfg, device="cpu").breakdown["optimizer_states"]
+    assert f"({human_bytes(states)}, estimated: not created yet when step 1 failed)" in item.why
+    later = {**postmortem, "step": 7, "tensors": {"optimizer_state_bytes": states}}
+    (item,) = [
+        s for s in suggest(Evidence(config=cfg, postmortem=later), estimate_analytic) if s.category == "optimizer_8bit"
+    ]
+    assert "measured at the failure" in item.why
