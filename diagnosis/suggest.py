@@ -637,9 +637,10 @@ def _rule_reduce_batch(ctx: _Context) -> list[Suggestion]:
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     largest = _largest_fitting(ctx, "train.micro_batch_size", micro - 1)
     # A divisor of the micro-batch, so more accumulation keeps the effective batch exactly.
-    fitting = [d for d in range(1, micro) if micro % d == 0 and largest is not None and d <= largest]
-    target = fitting[-1] if fitting else micro // 2
-    factor = micro // target if micro % target == 0 else 2
+    divisors = [d for d in range(1, micro) if micro % d == 0]
+    fitting = [d for d in divisors if largest is not None and d <= largest]
+    target = fitting[-1] if fitting else max(d for d in divisors if d <= micro // 2)
+    factor = micro // target
     patch = {"train.micro_batch_size": target, "train.grad_accum_steps": accum * factor}
     saves = ctx.what_if(patch)
     if fitting:
@@ -648,10 +649,15 @@ def _rule_reduce_batch(ctx: _Context) -> list[Suggestion]:
             f"{human_bytes(capacity_bytes(ctx.ev))}, with {factor}× the accumulation keeps the effective batch "
             f"({micro * accum}) and shrinks activations and logits {factor}×"
         )
-    else:
+    elif factor == 2:
         why = (
             f"Half the micro-batch ({micro} → {target}) with twice the accumulation keeps the effective batch "
             "and halves activations and logits"
+        )
+    else:
+        why = (
+            f"Micro-batch {micro} → {target} with {factor}× the accumulation keeps the effective batch "
+            f"({micro * accum}) and shrinks activations and logits {factor}×"
         )
     why += f": saves {human_bytes(saves)}." if saves else "."
     return [Suggestion("reduce_batch", _change_text(patch), saves, "high" if saves else "medium", why, patch)]

@@ -459,3 +459,10 @@ def test_states_a_first_step_had_not_made_yet_are_quoted_from_the_estimate_not_a
         s for s in suggest(Evidence(config=cfg, postmortem=later), estimate_analytic) if s.category == "optimizer_8bit"
     ]
     assert "measured at the failure" in item.why
+
+
+def test_an_odd_micro_batch_is_cut_to_a_divisor_so_the_effective_batch_stays():
+    cfg = validate_config({"model": {"name": "llama-3.2-1b", "dtype": "bf16"}, "train": {"micro_batch_size": 3}})
+    (item,) = [s for s in suggest(Evidence(config=cfg), estimate_analytic) if s.category == "reduce_batch"]
+    assert item.patch == {"train.micro_batch_size": 1, "train.grad_accum_steps": 3}
+    assert "3× the accumulation keeps the effective batch (3)" in item.why
