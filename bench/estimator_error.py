@@ -93,6 +93,11 @@ class Point:
     def model(self) -> str:
         return str((self.config.get("model") or {}).get("name", "?"))
 
+    @property
+    def estimate_versions(self) -> dict[str, str]:
+        """The versions an estimate of this point runs with: the stated ones, else current behaviour."""
+        return {name: self.versions.get(name, LATEST) for name in ("bitsandbytes", "transformers", "torch")}
+
 
 @dataclass
 class Row:
@@ -271,10 +276,7 @@ def evaluate(points: Sequence[Point], model_configs: dict[str, dict[str, Any]], 
             for mode in modes:
                 started = time.perf_counter()
                 try:
-                    versions = {
-                        name: point.versions.get(name, LATEST) for name in ("bitsandbytes", "transformers", "torch")
-                    }
-                    estimate = _estimator(mode)(cfg, device="cuda", gpu=point.gpu or None, **versions)
+                    estimate = _estimator(mode)(cfg, device="cuda", gpu=point.gpu or None, **point.estimate_versions)
                     row.estimated[mode] = int(getattr(estimate, METRIC_LEVEL[point.metric]))
                 except Exception as error:  # noqa: BLE001 - one broken point must not hide the rest
                     row.failure[mode] = _one_line(error)

@@ -23,7 +23,6 @@ from pathlib import Path
 from bench.estimator_error import build_config, load_points
 from diagnosis.analytic import estimate_analytic
 from diagnosis.fit import largest_fitting
-from diagnosis.libraries import LATEST
 from trainer.config import RunConfig
 
 PREFIX = "unsloth-hf-fa2-"
@@ -45,10 +44,8 @@ class Answer:
 
 
 def _estimator(point):
-    versions = {name: point.versions.get(name, LATEST) for name in ("bitsandbytes", "transformers", "torch")}
-
     def estimate(cfg: RunConfig):
-        return estimate_analytic(cfg, device="cuda", gpu=point.gpu or None, **versions)
+        return estimate_analytic(cfg, device="cuda", gpu=point.gpu or None, **point.estimate_versions)
 
     return estimate
 
