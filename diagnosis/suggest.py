@@ -486,7 +486,7 @@ def loss_chunk_for(tokens: int) -> int:
 
 def _failed_in_the_loss(ev: Evidence) -> bool:
     """A traceback that ends in the LM head or the loss (a pasted log, or where the runner placed it)."""
-    if ev.message is not None and ev.message.location == "logits_loss":
+    if ev.message is not None and ev.message.location == LOGITS_LOSS:
         return True
     return ev.postmortem is not None and ev.postmortem.get("module") in (LOSS_MODULE, "lm_head")
 
