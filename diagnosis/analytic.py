@@ -65,6 +65,15 @@ SRC_CHUNKED_LOSS = (
     "trainer/chunked_loss.py: head and cross-entropy per chunk of train.loss_chunk_tokens, gradients made in forward "
     "(as Liger-Kernel's fused linear cross-entropy)"
 )
+SRC_LITGPT = (
+    "litgpt model.py (one fused qkv linear; GPT.forward(lm_head_chunk_size=128) returns the logits as a list of "
+    "128-token chunks) and utils.chunked_cross_entropy (bf16 cross-entropy per chunk), finetune/lora.py and full.py"
+)
+SRC_LITGPT_LORA = "litgpt lora.py LoRAQKVLinear: one lora_dropout on the shared input, lora_A for every enabled q/k/v"
+SRC_FABRIC_NF4 = (
+    "lightning_fabric BitsandbytesPrecision: every nn.Linear (lm_head too) quantised from fp16; bitsandbytes "
+    "MatMul4Bit dequantises to fp16 and casts to bf16 for each matmul"
+)
 SRC_HF_LOSS = "transformers loss_utils.ForCausalLMLoss: logits.float(), cross_entropy = log_softmax + nll_loss"
 SRC_ADAMW = "torch.optim.AdamW: exp_avg, exp_avg_sq = zeros_like(param); step on CPU unless capturable/fused"
 SRC_FOREACH = "torch.optim docs: foreach (CUDA default) trades peak memory for speed; _multi_tensor_adam sqrt list"
@@ -110,6 +119,8 @@ CUDA_BLOCK_BYTES = 512
 # bitsandbytes NF4: 4-bit codes, one absmax per 64 weights, stored as 8-bit under double
 # quantization with one fp32 second-level constant per 256 blocks (QLoRA §3).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Without double quantization every 64-value block keeps an fp32 absmax.
+NF4_NO_DQ_BYTES_PER_PARAM = 0.5 + 4 / 64
 # bitsandbytes 8-bit optimizers: two uint8 states, one fp32 absmax per 256-element block each;
 # tensors under 4096 elements keep 32-bit states (min_8bit_size); 2 × 256 fp32 quantile maps each.
 BNB_BLOCK = 256
@@ -148,6 +159,9 @@ class _Run:
     loss: LossLayout = LossLayout()
     # train.loss_chunk_tokens: the runner's chunked head and loss (SRC_CHUNKED_LOSS); 0 = transformers'.
     loss_chunk: int = 0
+    # model.implementation litgpt: Lightning's own GPT and its loss (SRC_LITGPT), not transformers'.
+    litgpt: bool = False
+    nf4_bytes: float = NF4_BYTES_PER_PARAM
 
     @property
     def tokens(self) -> int:
@@ -191,12 +205,16 @@ def sdpa_gqa_falls_back(shape: ModelShape, compute_dtype: str, libraries: Librar
 
 def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Libraries = Libraries()) -> _Run:
     lora = cfg.lora
-    kbit_prepared = cfg.model.quantization != "none" and cfg.model.prepare_for_kbit_training
+    litgpt = cfg.model.implementation == "litgpt"
+    # litgpt never calls peft: its adapters are made in the model's dtype and nothing is cast to fp32.
+    kbit_prepared = cfg.model.quantization != "none" and cfg.model.prepare_for_kbit_training and not litgpt
     # The dtype of the weights outside the quantised linears, which the hidden states take from the
     # embedding on: prepare_model_for_kbit_training makes them fp32 (SRC_PEFT_KBIT).
     param_dtype = "fp32" if kbit_prepared else cfg.model.dtype
     # peft keeps adapters of a 16-bit (or quantised) base in fp32 (autocast_adapter_dtype=True).
     lora_dtype = "fp32" if param_dtype != "fp32" or cfg.model.quantization != "none" else param_dtype
+    if litgpt:
+        lora_dtype = param_dtype
     compute_dtype = param_dtype if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
     return _Run(
         shape=shape,
@@ -219,7 +237,9 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
         accum=cfg.train.grad_accum_steps,
         bnb_keeps_input=cfg.model.quantization == "nf4" and libraries.bnb_keeps_matmul_input,
         loss=libraries.loss_layout(shape.model_type),
-        loss_chunk=cfg.train.loss_chunk_tokens,
+        loss_chunk=0 if litgpt else cfg.train.loss_chunk_tokens,
+        litgpt=litgpt,
+        nf4_bytes=NF4_BYTES_PER_PARAM if cfg.model.double_quantization else NF4_NO_DQ_BYTES_PER_PARAM,
     )
 
 
@@ -361,7 +381,8 @@ class _Trace:
     def activation(self, x: _T) -> _T:
         if x.grad:
             self.save(x)
-            if self.run.shape.activation == "gelu_new":
+            if self.run.shape.activation == "gelu_new" and not self.run.litgpt:
+                # (litgpt runs the same tanh-GELU as one fused op: F.gelu(approximate="tanh").)
                 # NewGELUActivation is Python: 0.5·x·(1 + tanh(c·(x + 0.044715·x³))) keeps x, tanh, 0.5·x, 1 + tanh.
                 self.save(*(self.new(x.numel, x.dtype, True) for _ in range(3)))
         return self.new(x.numel, x.dtype, x.grad)
@@ -442,10 +463,44 @@ def _qkv(tr: _Trace, x: _T, roles: dict[str, LinearShape]) -> tuple[_T, _T, _T]:
     s = tr.run.shape
     q_numel = x.numel // s.hidden_size * s.num_heads * s.head_dim
     kv_numel = q_numel // s.num_heads * s.num_kv_heads
+    if tr.run.litgpt:
+        return _litgpt_qkv(tr, x, roles, q_numel, kv_numel)
     if s.fused_qkv:
         qkv = _project(tr, x, roles["qkv"])  # q, k and v are views of one storage
         return tr.view(qkv, q_numel), tr.view(qkv, kv_numel), tr.view(qkv, kv_numel)
     return _project(tr, x, roles["q"]), _project(tr, x, roles["k"]), _project(tr, x, roles["v"])
+
+
+def _litgpt_qkv(tr: _Trace, x: _T, roles: dict[str, LinearShape], q_numel: int, kv_numel: int) -> tuple[_T, _T, _T]:
+    """litgpt's attention input (SRC_LITGPT, SRC_LITGPT_LORA): one linear makes q, k and v; its LoRA
+    drops the shared input out once for every enabled part. Under grouped-query attention k and v
+    are expanded to every head and reshaped, which copies them; with one head per group all three
+    stay views of the one output, so attention's saved v keeps the whole of it."""
+    run, s = tr.run, tr.run.shape
+    parts = [roles[name] for name in ("q", "k", "v")] if not s.fused_qkv else [roles["qkv"]]
+    d_in, d_out = parts[0].d_in, sum(linear.d_out for linear in parts)
+    quantized = run.quantization != "none" and not run.full_ft
+    qkv = tr.linear(x, d_in, d_out, trainable=run.full_ft, dtype=run.param_dtype, quantized=quantized)
+    enabled = [linear for linear in parts if linear.name in run.lora_targets]
+    if enabled and not run.full_ft:
+        with tr.tagged("lora"):
+            dropped = tr.dropout(tr.cast(x, run.lora_dtype), run.lora_dropout)
+            a = tr.linear(dropped, d_in, run.lora_r * len(enabled), trainable=True, dtype=run.lora_dtype)
+            b = tr.linear(
+                a,
+                run.lora_r * len(enabled),
+                sum(linear.d_out for linear in enabled),
+                trainable=True,
+                dtype=run.lora_dtype,
+            )
+            if len(enabled) < len(parts):
+                # zero_pad: index_copy into the full width, which keeps its source for backward.
+                tr.save(b)
+                b = tr.new(qkv.numel, b.dtype, b.grad)
+        qkv = tr.add(qkv, b)
+    if s.num_kv_heads == s.num_heads:
+        return tr.view(qkv, q_numel), tr.view(qkv, kv_numel), tr.view(qkv, kv_numel)
+    return tr.view(qkv, q_numel), tr.new(q_numel, qkv.dtype, qkv.grad), tr.new(q_numel, qkv.dtype, qkv.grad)
 
 
 def _fused_attention(tr: _Trace, q: _T, k: _T, v: _T) -> _T:
@@ -467,7 +522,7 @@ def _scores_attention(tr: _Trace, q: _T, k: _T, v: _T) -> _T:
     """Eager attention (and SDPA's math fallback): the b·a·s² scores and probabilities are kept."""
     run, s = tr.run, tr.run.shape
     rep = s.num_heads // s.num_kv_heads
-    if rep > 1:  # repeat_kv materialises K and V for every head
+    if rep > 1 and not run.litgpt:  # repeat_kv materialises K and V for every head (litgpt's qkv already did)
         k = tr.new(k.numel * rep, k.dtype, k.grad)
         v = tr.new(v.numel * rep, v.dtype, v.grad)
     if run.batch > 1:
@@ -608,6 +663,9 @@ class _Activations:
     # The chunked loss (SRC_CHUNKED_LOSS): the most one chunk's logits, log-softmax and their
     # gradients hold at once, in the forward that makes the gradients.
     chunk_peak: int
+    # What the loss's backward holds beside what it kept: nll_loss's and log_softmax's gradients for
+    # transformers' loss; litgpt's keeps its logits too.
+    loss_backward: int
     layer_full: int  # one layer's own saved bytes (what checkpointing recomputes)
     by_tag: dict[str, int]  # one typical layer's bytes on the main trace, by part
     layer_tags: dict[str, int]  # one typical layer's own saved bytes by part, checkpointed or not
@@ -682,7 +740,12 @@ def _walk(run: _Run) -> _Activations:
         # The chunked loss runs the head's matmuls inside itself: nothing of them is kept.
         logits = None if run.loss_chunk else _head_logits(tr, h)
     head = tr.total - before
-    loss = _chunked_loss_bytes(run) if logits is None else _transformers_loss_bytes(run, logits)
+    if logits is None:
+        loss = _chunked_loss_bytes(run)
+    elif run.litgpt:
+        loss = _litgpt_loss_bytes(run, logits)
+    else:
+        loss = _transformers_loss_bytes(run, logits)
     return _Activations(
         embedding=embedding,
         first_layer=first,
@@ -698,8 +761,11 @@ def _walk(run: _Run) -> _Activations:
 
 
 def _head_logits(tr: _Trace, h: _T) -> _T:
-    s = tr.run.shape
-    logits = tr.linear(h, s.hidden_size, s.vocab_size, trainable=tr.run.full_ft, dtype=tr.run.param_dtype)
+    run, s = tr.run, tr.run.shape
+    quantized = run.litgpt and run.quantization != "none" and not run.full_ft  # Fabric quantises lm_head too
+    logits = tr.linear(
+        h, s.hidden_size, s.vocab_size, trainable=run.full_ft, dtype=run.param_dtype, quantized=quantized
+    )
     if s.final_logit_softcap:  # Gemma 2: tanh(logits / cap) · cap keeps the tanh
         tr.save(tr.new(logits.numel, logits.dtype, True))
     return logits
@@ -727,6 +793,55 @@ def _transformers_loss_bytes(run: _Run, logits: _T) -> dict[str, int]:
         loss_head=logits.storage if layout.keeps_head_output or not upcast else 0,
         loss_cells=loss_cells,
         chunk_peak=0,
+        loss_backward=2 * loss_cells,
+    )
+
+
+LITGPT_HEAD_CHUNK = (
+    128  # finetune/lora.py: model(input_ids, lm_head_chunk_size=128); utils.chunked_cross_entropy(chunk_size=128)
+)
+
+
+def _litgpt_head_dequantised(run: _Run) -> int:
+    """The quantised lm_head dequantised for one chunk's matmul: fp16, then its bf16 copy (SRC_FABRIC_NF4)."""
+    if run.quantization == "none" or run.full_ft:
+        return 0
+    return run.block(run.shape.vocab_size * run.shape.hidden_size * 2) * 2
+
+
+def _litgpt_loss_bytes(run: _Run, logits: _T) -> dict[str, int]:
+    """The `_Activations` loss fields of litgpt's training step (SRC_LITGPT).
+
+    LoRA: the head runs on 128-token chunks and returns them as a list, which the training loop holds
+    through backward; cross-entropy runs per chunk in the logits' own dtype (no fp32 copy) and keeps
+    each chunk's log-softmax. Backward swaps each log-softmax for its gradient one chunk at a time.
+    Full fine-tuning: one logits tensor, and `logits[..., :-1, :].reshape(-1, V)` copies it when the
+    micro-batch has more than one row; backward gathers the chunks' gradients into one before the
+    head's. A quantised head is dequantised for every chunk, in forward and in backward.
+    """
+    s, size = run.shape, ITEMSIZE[logits.dtype]
+    cells = run.block(run.tokens * s.vocab_size * size)
+    chunk = run.block(run.batch * min(LITGPT_HEAD_CHUNK, run.seq) * s.vocab_size * size)
+    dequantised = _litgpt_head_dequantised(run)
+    labels = run.block(run.tokens * 8)
+    if run.full_ft:
+        shifted = cells if run.batch > 1 else 0
+        in_flight, backward = 0, logits.storage + cells
+    else:
+        shifted = 0
+        # The last chunk, sliced to drop its last position, is copied by reshape when b > 1.
+        in_flight = max(chunk if run.batch > 1 else 0, dequantised - cells)
+        backward = logits.storage + max(2 * chunk, dequantised)
+    return dict(
+        loss_saved=cells + labels + run.block(4),
+        unseen=0,
+        logits=logits.storage,
+        loss_upcast=0,
+        loss_shifted=shifted,
+        loss_head=logits.storage,
+        loss_cells=cells,
+        chunk_peak=in_flight,
+        loss_backward=backward,
     )
 
 
@@ -760,6 +875,7 @@ def _chunked_loss_bytes(run: _Run) -> dict[str, int]:
         loss_head=0,
         loss_cells=0,
         chunk_peak=in_flight,
+        loss_backward=0,
     )
 
 
@@ -843,20 +959,26 @@ def _parameter_terms(run: _Run) -> list[Term]:
             Term(f"parameters ({run.param_dtype})", nbytes, f"{total:,} × {size} B{rounded}", _source(run, SRC_ZERO))
         )
     else:
-        linears = s.linear_layers() * s.num_layers
-        weights = sum(linear.d_in * linear.d_out for linear in linears)
+        linears = [linear.d_in * linear.d_out for linear in s.linear_layers()] * s.num_layers
+        if run.litgpt:
+            linears.append(s.vocab_size * s.hidden_size)  # Fabric quantises lm_head as well (SRC_FABRIC_NF4)
+        weights = sum(linears)
         rest = total - weights
-        rest_bytes = run.blocks((t.numel for t in _all_tensors(s)), size) - run.blocks(
-            (linear.d_in * linear.d_out for linear in linears), size
-        )
+        rest_bytes = run.blocks((t.numel for t in _all_tensors(s)), size) - run.blocks(linears, size)
         if run.quantization == "nf4":
-            quantised = run.blocks((linear.d_in * linear.d_out for linear in linears), NF4_BYTES_PER_PARAM)
-            formula, source = f"{weights:,} × (0.5 + 1/64 + 4/16384) B (nf4, double quant)", SRC_QLORA
-        else:
-            rows = sum(linear.d_out for linear in linears)
-            quantised = run.blocks((linear.d_in * linear.d_out for linear in linears), 1) + run.blocks(
-                (linear.d_out for linear in linears), 4
+            quantised = run.blocks(linears, run.nf4_bytes)
+            per_param = (
+                "0.5 + 1/64 + 4/16384) B (nf4, double quant)"
+                if run.nf4_bytes == NF4_BYTES_PER_PARAM
+                else "0.5 + 4/64) B (nf4)"
             )
+            formula, source = f"{weights:,} × ({per_param}", SRC_QLORA
+        else:
+            outputs = [linear.d_out for linear in s.linear_layers()] * s.num_layers + (
+                [s.vocab_size] if run.litgpt else []
+            )
+            rows = sum(outputs)
+            quantised = run.blocks(linears, 1) + run.blocks(outputs, 4)
             formula, source = f"{weights:,} × 1 B + {rows:,} row scales × 4 B (int8)", SRC_INT8
         terms.append(
             Term(
@@ -1024,7 +1146,7 @@ def _layer_transients(run: _Run, acts: _Activations) -> tuple[int, int]:
         q, kv = run.tokens * s.head_dim * s.num_heads, run.tokens * s.head_dim * s.num_kv_heads
         qkv = block(q * cd) + 2 * block(kv * cd)
         attn_backward = qkv + (block(q * 4) if run.device == "cuda" else 0)
-    mlp_backward = (3 if s.gated_mlp or s.activation == "gelu_new" else 2) * wide
+    mlp_backward = (3 if s.gated_mlp or (s.activation == "gelu_new" and not run.litgpt) else 2) * wide
     mlp_kept = acts.layer_tags.get("mlp", 0)
     forward = max(attn_forward, wide)
     if run.attention == "eager" and not run.checkpointing:
@@ -1033,7 +1155,10 @@ def _layer_transients(run: _Run, acts: _Activations) -> tuple[int, int]:
     backward = max(mlp_backward + 2 * residual, attn_backward - mlp_kept + residual)
     if run.quantization != "none":
         # bitsandbytes dequantises a weight to 16 bits for each matmul, forward and backward.
-        dequantised = block(max(linear.d_in * linear.d_out for linear in s.linear_layers()) * 2)
+        # litgpt's Fabric quantised from fp16: the fp16 dequantisation and its bf16 copy (SRC_FABRIC_NF4).
+        dequantised = block(max(linear.d_in * linear.d_out for linear in s.linear_layers()) * 2) * (
+            2 if run.litgpt else 1
+        )
         forward, backward = forward + dequantised, backward + dequantised
     if run.checkpointing:
         forward += wide
@@ -1095,7 +1220,7 @@ def _moments(
     common = dict(parameters=st.parameters, optimizer_states=states)
     loss_forward = acts.loss_saved + acts.at_loss
     # nll_loss's gradient and log_softmax's input gradient, both b·s·V in the loss's dtype, beside the saved output.
-    loss_backward = acts.loss_saved + 2 * acts.loss_cells
+    loss_backward = acts.loss_saved + acts.loss_backward
     last_layer_rest = 0 if run.checkpointing else acts.layer_tags.get("mlp", 0)
     layer_share, embedding_share = _grad_fractions(run)
     before_layer0 = max(held, round(st.gradients * (1 - layer_share - embedding_share)))
@@ -1221,6 +1346,8 @@ def _logit_terms(run: _Run, acts: _Activations) -> list[Term]:
                 SRC_CHUNKED_LOSS,
             ),
         ]
+    if run.litgpt:
+        return _litgpt_logit_terms(run, acts)
     layout, cells = run.loss, run.tokens * run.shape.vocab_size
     rows = run.batch * (run.seq - 1) if layout.shifted_copy else run.tokens
     item = 4 if layout.upcast else ITEMSIZE[run.compute_dtype]
@@ -1237,6 +1364,21 @@ def _logit_terms(run: _Run, acts: _Activations) -> list[Term]:
         Term("log-softmax kept for backward", acts.loss_saved, f"{loss} + labels", source),
         Term("loss gradient over the vocabulary", 2 * acts.loss_cells, f"2 × {loss} at backward start", source),
     ]
+
+
+def _litgpt_logit_terms(run: _Run, acts: _Activations) -> list[Term]:
+    cells = f"b·s·V = {run.tokens * run.shape.vocab_size:,} × {ITEMSIZE[run.compute_dtype]} B"
+    how = "one tensor" if run.full_ft else f"{LITGPT_HEAD_CHUNK}-token chunks, held in a list through backward"
+    terms = [Term("logits", acts.logits, f"{cells}, {how}", SRC_LITGPT)]
+    if acts.loss_shifted:
+        terms.append(Term("shifted logits copy", acts.loss_shifted, "logits[..., :-1, :].reshape(-1, V)", SRC_LITGPT))
+    terms.append(Term("log-softmax kept for backward", acts.loss_saved, f"{cells} + labels", SRC_LITGPT))
+    dequantised = _litgpt_head_dequantised(run)
+    if dequantised:
+        terms.append(
+            Term("lm_head dequantised for a chunk", dequantised, "V·h × (2 B fp16 + 2 B bf16)", SRC_FABRIC_NF4)
+        )
+    return terms
 
 
 def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
@@ -1460,6 +1602,8 @@ def _estimate(
 ) -> MemoryEstimate:
     """`capability` is the card's (None: not known); it sets only the workspaces, a constant that
     cancels where two estimates are compared."""
+    if cfg.model.implementation == "litgpt":
+        shape = dataclasses.replace(shape, tied_embeddings=False)  # litgpt's GPT has its own lm_head weight
     run = _resolve(cfg, shape, device, libraries)
     acts = _walk(run)
     parameter_terms = _parameter_terms(run)
@@ -1539,7 +1683,7 @@ def _estimate(
             "gradients": persistent.gradients,
             "optimizer_states": persistent.optimizer_states,
             "activations": activations,
-            "logits_loss": acts.loss_saved + max(acts.at_loss, 2 * acts.loss_cells),
+            "logits_loss": acts.loss_saved + max(acts.at_loss, acts.loss_backward),
             # What the runner's ActivationCounter measures: the storages saved-tensor hooks see.
             "saved_for_backward": acts.hooks_see(shape.num_layers),
             "optimizer_transient": persistent.optimizer_transient,

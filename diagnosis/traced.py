@@ -676,6 +676,11 @@ def _config_path(name: str, workdir: Path) -> str:
 
 
 def _check_traceable(cfg: RunConfig) -> None:
+    if cfg.model.implementation != "transformers":
+        raise TracedEstimateUnsupported(
+            f"model.implementation {cfg.model.implementation}: the traced estimate builds the transformers model; "
+            "use the analytic estimate (python -m diagnosis estimate, without --traced)"
+        )
     if cfg.model.quantization != "none":
         raise TracedEstimateUnsupported(
             f"model.quantization {cfg.model.quantization}: bitsandbytes quantised weights cannot be traced "

@@ -58,6 +58,12 @@ class ModelConfig(_Section):
     # peft/HF QLoRA examples and axolotl do (the non-quantised weights: embeddings, norms, lm_head,
     # biases, become fp32). false keeps them in model.dtype (litgpt; TRL skips it for sharded QLoRA).
     prepare_for_kbit_training: bool = True
+    # With nf4: quantise the per-block scales too (QLoRA's double quantization, ~0.4 bit per weight less).
+    double_quantization: bool = True
+    # The modelling code the step runs. "transformers" is the runner's; "litgpt" is Lightning's own
+    # GPT (fused qkv, its LoRA, 128-token chunked bf16 loss, Fabric's quantisation of every linear),
+    # for estimates of runs made with litgpt: the runner refuses it.
+    implementation: Literal["transformers", "litgpt"] = "transformers"
 
 
 class LoraConfig(_Section):
@@ -246,6 +252,19 @@ def _cross_checks(cfg: RunConfig, broken: set[str]) -> list[ConfigIssue]:
             f"fp16 autocast needs fp32 weights, got model.dtype={cfg.model.dtype}",
             reads=("model.dtype",),
         )
+    if cfg.model.implementation == "litgpt":
+        add(
+            "model.attn_implementation",
+            None if cfg.model.attn_implementation == "sdpa" else "litgpt's GPT always runs torch SDPA; use sdpa",
+            reads=("model.implementation",),
+        )
+        add(
+            "train.loss_chunk_tokens",
+            "litgpt chunks its own head and loss (128 tokens); train.loss_chunk_tokens is the runner's, leave it 0"
+            if cfg.train.loss_chunk_tokens
+            else None,
+            reads=("model.implementation",),
+        )
     preset = PRESETS.get(cfg.model.name)
     if cfg.lora is not None and preset is not None:
         unknown = sorted(set(cfg.lora.target_modules) - set(preset.linear_module_names))
@@ -332,6 +351,14 @@ def runner_issues(cfg: RunConfig) -> list[ConfigIssue]:
         )
     if cfg.fsdp is not None:
         issues.append(ConfigIssue("fsdp", "the runner trains without FSDP for now; the fsdp keys are for estimates"))
+    if cfg.model.implementation != "transformers":
+        issues.append(
+            ConfigIssue(
+                "model.implementation",
+                f"the runner trains transformers models; {cfg.model.implementation} is for estimates "
+                "(python -m diagnosis estimate)",
+            )
+        )
     if cfg.train.num_gpus > 1:
         issues.append(ConfigIssue("train.num_gpus", "the runner trains on one device; num_gpus > 1 is for estimates"))
     return issues

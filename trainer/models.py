@@ -69,12 +69,12 @@ def hf_config(name: str) -> transformers.PretrainedConfig | None:
     return None
 
 
-def _quantization_config(quantization: str) -> transformers.BitsAndBytesConfig | None:
+def _quantization_config(quantization: str, double_quantization: bool = True) -> transformers.BitsAndBytesConfig | None:
     if quantization == "nf4":
         return transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
+            bnb_4bit_use_double_quant=double_quantization,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     if quantization == "int8":
@@ -92,7 +92,7 @@ def _quantized_from_config(config: transformers.PretrainedConfig, common: dict, 
 
 def _load_base(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Module, str, str | None]:
     common = dict(attn_implementation=cfg.attn_implementation, dtype=TORCH_DTYPES[cfg.dtype])
-    quantization = _quantization_config(cfg.quantization)
+    quantization = _quantization_config(cfg.quantization, cfg.double_quantization)
     # bitsandbytes places quantised weights while loading; such a model refuses a later .to().
     loading = dict(common, quantization_config=quantization, device_map={"": device}) if quantization else common
     auto = transformers.AutoModelForCausalLM
