@@ -53,7 +53,7 @@ def _figures(summary: ErrorSummary) -> str:
 
 def trust_text(measured: MeasuredError | None) -> str | None:
     """One paragraph for a screen that shows an analytic estimate: its measured error on the
-    training code it models (transformers + PEFT), and on code it does not (litgpt's own models)."""
+    training code the runner uses (transformers + PEFT), and on litgpt's own models."""
     if measured is None:
         return None
     rows = measured.by_label
@@ -69,8 +69,5 @@ def trust_text(measured: MeasuredError | None) -> str | None:
     text = "Measured against GPU runs others published: " + "; ".join(parts) + "."
     other = rows.get("peak_allocated, stack litgpt")
     if other is not None:
-        text += (
-            f" Training code with its own model implementation (litgpt) is further off ({_figures(other)}): "
-            "the estimate models transformers' code."
-        )
+        text += f" Runs of litgpt's own models, estimated with model.implementation: litgpt: {_figures(other)}."
     return text + f" Details: {measured.details} ({measured.measured})."

@@ -47,7 +47,7 @@ def test_the_text_quotes_the_transformers_stack_and_what_differs(tmp_path):
     text = trust_text(measured_error(path))
     assert "transformers + PEFT runs within 1.0% median, 3.3% p90, 17 runs" in text
     assert "nvidia-smi showed within 7.9% median, 12.8% p90, 6 runs" in text
-    assert "(litgpt) is further off (9.4% median, 40.6% p90, 19 runs)" in text
+    assert "litgpt's own models, estimated with model.implementation: litgpt: 9.4% median, 40.6% p90, 19 runs" in text
     assert text.endswith("Details: bench/RESULTS.md (2026-01-01).")
 
 
