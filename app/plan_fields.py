@@ -165,6 +165,21 @@ def knobs(prefix: str, shape: ModelShape | None) -> dict[str, Any]:
         **_PERSIST,
         help="bitsandbytes nf4 (QLoRA) or int8; needs LoRA adapters",
     )
+    code, double = st.columns(2)
+    code.selectbox(
+        "Training code",
+        _choices(ModelConfig, "implementation"),
+        key=key("model.implementation"),
+        **_PERSIST,
+        help="the code the estimate walks: transformers + PEFT (this runner, the HF Trainer, TRL, axolotl) or "
+        "litgpt's own GPT (one qkv linear and LoRA dropout, 128-token bf16 loss chunks, a quantised lm_head)",
+    )
+    double.toggle(
+        "nf4 double quantisation",
+        key=key("model.double_quantization"),
+        **_PERSIST,
+        help="quantise nf4's per-block scales too (QLoRA's recipe; litgpt's bnb.nf4 does not, bnb.nf4-dq does)",
+    )
     checkpointing, chunk = st.columns(2)
     checkpointing.toggle(
         "Gradient checkpointing",

@@ -162,8 +162,9 @@ def standard_settings(cfg: RunConfig) -> list[tuple[str, list[str]]]:
         else []
     )
     # Same loss and gradients without the micro-batch's logits: before anything that changes the model.
+    # (litgpt already runs its head and loss in 128-token chunks; the runner's knob is not its.)
     chunked = [("+ loss in 1,024-token chunks", ["train.loss_chunk_tokens=1024"])]
-    if cfg.train.loss_chunk_tokens:
+    if cfg.train.loss_chunk_tokens or cfg.model.implementation != "transformers":
         chunked = []
     return [
         ("as is", []),

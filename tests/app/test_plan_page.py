@@ -218,3 +218,29 @@ def test_the_second_model_refuses_knobs_it_cannot_take_and_says_so():
     app.selectbox(key="plan.other.model.name").set_value("gpt2").run()  # no q_proj / v_proj in GPT-2
     assert not app.exception
     assert any("on the second model" in w.value and "lora.target_modules" in w.value for w in app.warning)
+
+
+def test_a_litgpt_run_is_estimated_as_litgpts_code_and_refuses_what_litgpt_lacks():
+    app = plan()
+    app.selectbox(key="plan.model.quantization").set_value("nf4")
+    app.toggle(key="plan.model.double_quantization").set_value(False)
+    app.selectbox(key="plan.model.implementation").set_value("litgpt").run()
+
+    assert not app.exception and not app.error
+    chosen = knobs(
+        **{"model.quantization": "nf4", "model.double_quantization": False, "model.implementation": "litgpt"}
+    )
+    cfg = validate_config(view.config_from_knobs(chosen, "llama-3-8b"))
+    litgpt = estimate_analytic(cfg, gpu="A100 80GB")
+    assert metrics(app)["Peak allocated"] == human_bytes(litgpt.peak_allocated_bytes)
+    transformers = estimate_analytic(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"implementation": "transformers"})})
+    )
+    assert litgpt.peak_allocated_bytes != transformers.peak_allocated_bytes
+
+    app.selectbox(key="plan.model.attn_implementation").set_value("eager").run()
+    assert any(
+        error.value.startswith("`model.attn_implementation`: litgpt's GPT always runs torch SDPA")
+        for error in app.error
+    )
+    assert not app.metric

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from diagnosis.analytic import estimate_analytic
-from diagnosis.fit import FitResult, fit_table, largest_fitting
+from diagnosis.fit import FitResult, fit_table, largest_fitting, standard_settings
 from diagnosis.gpus import GPUS, UnknownGpuError, find_gpu, gpu_capacity_bytes
 from trainer.config import RunConfig, apply_overrides, validate_config
 
@@ -168,3 +168,10 @@ def test_capacities_are_what_the_driver_reports():
     for gpu in GPUS:
         marketed = int(gpu.name.split()[-1].removesuffix("GB"))
         assert 0.9 * marketed * GIB < gpu.capacity_bytes < marketed * GIB
+
+
+def test_the_fit_table_of_a_litgpt_run_offers_no_chunked_loss_litgpt_already_has():
+    cfg = validate_config({"model": {"name": "llama-3-8b", "dtype": "bf16", "implementation": "litgpt"}})
+    labels = [label for label, _ in standard_settings(cfg)]
+    assert labels and not any("chunks" in label for label in labels)
+    assert len(fit_table(cfg, 80 * 1024**3)) == len(labels)
