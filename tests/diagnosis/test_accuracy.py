@@ -29,7 +29,9 @@ def test_the_committed_summary_is_the_one_in_results():
     for label, summary in measured.by_label.items():
         count, median, p90 = table[label]
         assert summary.count == count, label
-        assert round(summary.median_abs_pct, 1) == median and round(summary.p90_abs_pct, 1) == p90, label
+        # The table prints one decimal of the unrounded figure; the JSON keeps two (3.2538 -> "3.3%" and 3.25).
+        assert abs(summary.median_abs_pct - median) <= 0.05 + 1e-9, label
+        assert abs(summary.p90_abs_pct - p90) <= 0.05 + 1e-9, label
 
 
 def test_the_text_quotes_the_transformers_stack_and_what_differs(tmp_path):
