@@ -1404,9 +1404,21 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
             "set model.attn_implementation to eager or flash_attention_2"
         )
     if run.quantization != "none":
+        per_weight = "4 B (fp16, then its bf16 copy: Fabric quantised from fp16)" if run.litgpt else "2 B"
         notes.append(
-            "bitsandbytes dequantises each quantised weight for its matmul: the largest d_in·d_out × 2 B "
+            f"bitsandbytes dequantises each quantised weight for its matmul: the largest d_in·d_out × {per_weight} "
             "is counted as a transient; its kernels' workspaces are not"
+        )
+    if run.litgpt:
+        notes.append(
+            "walked as litgpt's own GPT (model.implementation: litgpt): one qkv linear with one LoRA dropout, "
+            "adapters in the weights' dtype, the head and a bf16 loss in 128-token chunks held through backward"
+            + (
+                ", lm_head quantised too; estimates like this one were 13-16% below the peaks litgpt published "
+                "for QLoRA runs of its 0.4 releases, for a reason not found yet (bench/RESULTS.md)"
+                if run.quantization != "none"
+                else ""
+            )
         )
     if cfg.train.num_gpus > 1 and not zero_stage(cfg) and not fsdp_strategy(cfg):
         notes.append("data parallel without ZeRO: every rank holds everything; DDP gradient buckets not counted")
