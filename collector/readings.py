@@ -120,6 +120,8 @@ class LayerReading:
 # `PostMortem.module` for a failure in the loss over the logits: after the LM head's forward, or in
 # backward before it reaches the head (collector.whereabouts places it; no module of the model's).
 LOSS_MODULE = "loss"
+# transformers' names for the LM head: lm_head in nearly every family, embed_out in GPT-NeoX (Pythia).
+HEAD_MODULES = ("lm_head", "embed_out")
 
 
 @dataclass(frozen=True)

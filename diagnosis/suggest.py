@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from collector.readings import LOSS_MODULE
+from collector.readings import HEAD_MODULES, LOSS_MODULE
 from diagnosis.estimate import MemoryEstimate
 from diagnosis.failed_request import (
     ATTENTION,
@@ -488,7 +488,7 @@ def _failed_in_the_loss(ev: Evidence) -> bool:
     """A traceback that ends in the LM head or the loss (a pasted log, or where the runner placed it)."""
     if ev.message is not None and ev.message.location == LOGITS_LOSS:
         return True
-    return ev.postmortem is not None and ev.postmortem.get("module") in (LOSS_MODULE, "lm_head")
+    return ev.postmortem is not None and ev.postmortem.get("module") in (LOSS_MODULE, *HEAD_MODULES)
 
 
 def failed_request_matches(ev: Evidence) -> list[RequestMatch]:
@@ -517,7 +517,10 @@ def _chunked_loss_unestimated(ev: Evidence) -> list[Suggestion]:
     """A pasted log whose traceback ends in the LM head or the loss, with no config to size it."""
     if not _failed_in_the_loss(ev):
         return []
-    frame = f" ({ev.message.frame})" if ev.message.frame else ""
+    if ev.message is not None and ev.message.frame:
+        frame = f" ({ev.message.frame})"
+    else:
+        frame = f" (placed in `{ev.postmortem['module']}`)" if ev.postmortem and ev.postmortem.get("module") else ""
     why = (
         f"It failed in the loss over the logits{frame}: the whole micro-batch's logits, their fp32 copy and "
         "log-softmax exist at once there. Computing the LM head and cross-entropy 1,024 tokens at a time gives "

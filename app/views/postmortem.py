@@ -70,7 +70,7 @@ def where(pm: PostmortemRecord) -> str:
     )
     if pm.module == LOSS_MODULE:
         return (
-            f"**Layer:** the loss, after `lm_head`{shape}: the logits' fp32 copy, log-softmax and their "
+            f"**Layer:** the loss, after the LM head{shape}: the logits' fp32 copy, log-softmax and their "
             "gradients over the whole vocabulary, outside any module of the model."
         )
     return f"**Layer:** `{pm.module}`{inside}{shape}."

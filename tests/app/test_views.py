@@ -101,7 +101,7 @@ def test_a_failure_in_the_loss_reads_as_the_loss_and_the_request_is_named_in_bot
     from trainer.report import postmortem_report
 
     pm = dataclasses.replace(_postmortem(None), module=LOSS_MODULE, module_stack=(LOSS_MODULE,))
-    assert where(pm).startswith("**Layer:** the loss, after `lm_head`")
+    assert where(pm).startswith("**Layer:** the loss, after the LM head")
     request = "The failed 500.0 MiB request is 4 × 1,024 × 32,000 × 4 B (batch, tokens, vocab; fp32): the logits."
     report = postmortem_report(pm, (), request)
     assert f"of {LOSS_MODULE}" in report.splitlines()[0] and f"  {request}" in report.splitlines()

@@ -466,3 +466,13 @@ def test_an_odd_micro_batch_is_cut_to_a_divisor_so_the_effective_batch_stays():
     (item,) = [s for s in suggest(Evidence(config=cfg), estimate_analytic) if s.category == "reduce_batch"]
     assert item.patch == {"train.micro_batch_size": 1, "train.grad_accum_steps": 3}
     assert "3× the accumulation keeps the effective batch (3)" in item.why
+
+
+@pytest.mark.parametrize("head", ["lm_head", "embed_out"])
+def test_a_post_mortem_placed_in_the_lm_head_proposes_the_chunked_loss_whatever_the_family_calls_it(head: str):
+    # GPT-NeoX (Pythia) calls its head embed_out; without a config the loss is proposed unsized.
+    postmortem = {"module": head, "phase": "forward", "module_stack": [head], "error_text": "CUDA out of memory."}
+    categories = [item.category for item in suggest(Evidence(postmortem=postmortem))]
+    assert "chunked_loss" in categories
+    other = {**postmortem, "module": "gpt_neox.layers.3.mlp", "module_stack": ["gpt_neox.layers.3.mlp"]}
+    assert "chunked_loss" not in [item.category for item in suggest(Evidence(postmortem=other))]
