@@ -16,11 +16,11 @@ logits, their log-softmax and its gradient); they are named together, as one mat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from diagnosis.analytic import ITEMSIZE, step_facts
+from diagnosis.analytic import ITEMSIZE, LITGPT_HEAD_CHUNK, step_facts
 from diagnosis.architecture import ArchitectureError, ModelShape, shape_for
 from diagnosis.units import GIB, MIB, human_bytes
 from trainer.config import RunConfig
@@ -78,6 +78,30 @@ def cuda_block_bytes(nbytes: int) -> int:
     return -(-size // CUDA_ROUND_LARGE) * CUDA_ROUND_LARGE
 
 
+def _litgpt_loss_candidates(
+    add: Callable[..., None], compute: str, full_ft: bool, quantized: bool, b: int, s: int, v: int, h: int
+) -> None:
+    """litgpt's head and loss (analytic.SRC_LITGPT): LoRA runs them on 128-token chunks in bf16, full
+    fine-tuning on the whole logits, and a 4-bit lm_head is dequantised to fp16 for each chunk."""
+    if full_ft:
+        add(
+            "the logits (the LM head's output) or their shifted copy",
+            (("batch", b), ("tokens", s), ("vocab", v)),
+            compute,
+            LOGITS_LOSS,
+        )
+    else:
+        rows = (("batch", b), ("chunk tokens", min(LITGPT_HEAD_CHUNK, s)), ("vocab", v))
+        add("one 128-token chunk of litgpt's logits, its log-softmax or its gradient", rows, compute, LOGITS_LOSS)
+        if quantized:
+            add(
+                "the 4-bit lm_head dequantised for one chunk (fp16, then bf16)",
+                (("vocab", v), ("hidden", h)),
+                "fp16",
+                LOGITS_LOSS,
+            )
+
+
 def _candidates(cfg: RunConfig, shape: ModelShape, device: str, batch: int, seq: int) -> list[RequestMatch]:
     facts = step_facts(cfg, device=device, shape=shape)
     compute, params = facts.compute_dtype, facts.param_dtype
@@ -93,7 +117,9 @@ def _candidates(cfg: RunConfig, shape: ModelShape, device: str, batch: int, seq:
         out.append(RequestMatch(what, dims, dtype, numel * ITEMSIZE[dtype], location))
 
     chunk = facts.loss_chunk
-    if chunk and chunk < b * s:
+    if facts.litgpt:
+        _litgpt_loss_candidates(add, compute, facts.full_ft, facts.quantization != "none", b, s, v, h)
+    elif chunk and chunk < b * s:
         rows = (("chunk tokens", chunk), ("vocab", v))
         add("one loss chunk's scores, softmax or gradient (train.loss_chunk_tokens)", rows, "fp32", LOGITS_LOSS)
         if compute != "fp32":

@@ -178,3 +178,20 @@ def test_the_block_rule_is_what_real_gpus_allocated_for_every_new_segment():
     assert len(pairs) > 500 and len({request for request, _ in pairs}) > 10
     assert [(r, s) for r, s in pairs if cuda_block_bytes(r) != s] == []
     assert {s for _, s in pairs} & {2 * MIB, 20 * MIB} and any(s > 20 * MIB for _, s in pairs)
+
+
+def test_a_litgpt_run_is_read_as_its_own_code_runs_the_loss():
+    """litgpt holds the logits in 128-token bf16 chunks and dequantises its 4-bit lm_head per chunk:
+    a request of the whole micro-batch's fp32 logits cannot be its, a chunk's or the head's can."""
+    model = {"name": "llama-3-8b", "dtype": "bf16", "quantization": "nf4", "prepare_for_kbit_training": False}
+    run = {"data": {"seq_len": 1536}, "train": {"micro_batch_size": 2}}
+    transformers = validate_config({"model": model, **run})
+    litgpt = validate_config({"model": {**model, "implementation": "litgpt"}, **run})
+    whole_fp32 = cuda_block_bytes(2 * 1536 * 128256 * 4)
+    assert match_failed_request(whole_fp32, transformers, device="cuda")
+    assert not match_failed_request(whole_fp32, litgpt, device="cuda")
+    (chunk,) = match_failed_request(cuda_block_bytes(2 * 128 * 128256 * 2), litgpt, device="cuda")
+    assert chunk.location == LOGITS_LOSS and dict(chunk.dims) == {"batch": 2, "chunk tokens": 128, "vocab": 128256}
+    # The same size as a bf16 copy of the embedding, which is named beside it.
+    heads = match_failed_request(cuda_block_bytes(128256 * 4096 * 2), litgpt, device="cuda")
+    assert any("lm_head dequantised" in match.what for match in heads)
