@@ -3,7 +3,10 @@ LoRA-style blocks under torch FSDP1 (frozen blocks and adapters wrapped apart, a
 fsdp_auto_wrap_policy does) with torch.utils.checkpoint, and count, when layer 0 is recomputed in
 backward, how many other layers' checkpoint inputs still hold a gradient.
 
-    python fsdp_kept_gradients_probe.py OUT_JSON LAYERS REENTRANT(0|1) FSDP(0|1)
+    python fsdp_kept_gradients_probe.py OUT_JSON LAYERS CASES
+
+CASES is a comma-separated list of REENTRANT:FSDP pairs (each 0 or 1), e.g. "1:1,0:1,1:0": one
+process group runs them all (starting two ranks is most of the probe's time).
 """
 
 from __future__ import annotations
@@ -72,9 +75,7 @@ def _trainable_leaf(module: nn.Module) -> bool:
     return not list(module.children()) and weight is not None and weight.requires_grad
 
 
-def worker(rank: int, port: int, out: str, layers: int, reentrant: bool, fsdp: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _kept_at_layer0(layers: int, reentrant: bool, fsdp: bool) -> int:
     torch.manual_seed(0)
     seen: list = []
     report: list = []
@@ -95,19 +96,26 @@ def worker(rank: int, port: int, out: str, layers: int, reentrant: bool, fsdp: b
         seen.clear()
         report.clear()
         model(ids).backward()
+    return [kept for index, kept in report if index == 0][-1]
+
+
+def worker(rank: int, port: int, out: str, layers: int, cases: list[tuple[bool, bool]]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    kept = {f"{int(reentrant)}:{int(fsdp)}": _kept_at_layer0(layers, reentrant, fsdp) for reentrant, fsdp in cases}
     if rank == 0:
-        kept_at_layer0 = [kept for index, kept in report if index == 0][-1]
         with open(out, "w") as handle:
-            json.dump({"kept_at_layer0": kept_at_layer0, "torch": torch.__version__}, handle)
+            json.dump({"kept_at_layer0": kept, "torch": torch.__version__}, handle)
     dist.destroy_process_group()
 
 
 def main() -> None:
-    out, layers, reentrant, fsdp = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+    out, layers = sys.argv[1], int(sys.argv[2])
+    cases = [(pair.split(":")[0] == "1", pair.split(":")[1] == "1") for pair in sys.argv[3].split(",")]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(worker, args=(port, out, layers, reentrant, fsdp), nprocs=2)
+    torch.multiprocessing.spawn(worker, args=(port, out, layers, cases), nprocs=2)
 
 
 if __name__ == "__main__":
