@@ -401,8 +401,9 @@ class _Trace:
         if x.grad:
             self.save(xf, self.new(rows, "fp32", True))  # x and rsqrt(mean(x²) + eps)
         normed = self.new(x.numel, "fp32", x.grad)
-        if kind == "rmsnorm_gemma":
-            scale = self.new(h, "fp32", trainable)  # 1 + weight.float()
+        if kind == "rmsnorm_gemma" or self.run.litgpt:
+            # Gemma: 1 + weight.float(); litgpt's RMSNorm multiplies by weight.float() in fp32 too (0.4+).
+            scale = self.new(h, "fp32", trainable)
             out = self.mul(normed, scale)
             return self.cast(out, x.dtype)
         # Llama: weight * normed.to(input_dtype)
@@ -464,18 +465,19 @@ def _qkv(tr: _Trace, x: _T, roles: dict[str, LinearShape]) -> tuple[_T, _T, _T]:
     q_numel = x.numel // s.hidden_size * s.num_heads * s.head_dim
     kv_numel = q_numel // s.num_heads * s.num_kv_heads
     if tr.run.litgpt:
-        return _litgpt_qkv(tr, x, roles, q_numel, kv_numel)
+        return _litgpt_qkv(tr, x, roles, q_numel)
     if s.fused_qkv:
         qkv = _project(tr, x, roles["qkv"])  # q, k and v are views of one storage
         return tr.view(qkv, q_numel), tr.view(qkv, kv_numel), tr.view(qkv, kv_numel)
     return _project(tr, x, roles["q"]), _project(tr, x, roles["k"]), _project(tr, x, roles["v"])
 
 
-def _litgpt_qkv(tr: _Trace, x: _T, roles: dict[str, LinearShape], q_numel: int, kv_numel: int) -> tuple[_T, _T, _T]:
+def _litgpt_qkv(tr: _Trace, x: _T, roles: dict[str, LinearShape], q_numel: int) -> tuple[_T, _T, _T]:
     """litgpt's attention input (SRC_LITGPT, SRC_LITGPT_LORA): one linear makes q, k and v; its LoRA
     drops the shared input out once for every enabled part. Under grouped-query attention k and v
     are expanded to every head and reshaped, which copies them; with one head per group all three
-    stay views of the one output, so attention's saved v keeps the whole of it."""
+    stay views of the one output, so attention's saved v keeps the whole of it; with one group
+    (multi-query) the expand is a stride-0 view that reshape keeps a view too."""
     run, s = tr.run, tr.run.shape
     parts = [roles[name] for name in ("q", "k", "v")] if not s.fused_qkv else [roles["qkv"]]
     d_in, d_out = parts[0].d_in, sum(linear.d_out for linear in parts)
@@ -498,8 +500,10 @@ def _litgpt_qkv(tr: _Trace, x: _T, roles: dict[str, LinearShape], q_numel: int, 
                 tr.save(b)
                 b = tr.new(qkv.numel, b.dtype, b.grad)
         qkv = tr.add(qkv, b)
-    if s.num_kv_heads == s.num_heads:
-        return tr.view(qkv, q_numel), tr.view(qkv, kv_numel), tr.view(qkv, kv_numel)
+    if s.num_kv_heads in (1, s.num_heads):
+        # One head per group, or one group (an expand with stride 0 that reshape can still view):
+        # k and v span every head either way, and rotary copies k at that size.
+        return tr.view(qkv, q_numel), tr.view(qkv, q_numel), tr.view(qkv, q_numel)
     return tr.view(qkv, q_numel), tr.new(q_numel, qkv.dtype, qkv.grad), tr.new(q_numel, qkv.dtype, qkv.grad)
 
 
@@ -577,9 +581,9 @@ def _attention(tr: _Trace, x: _T, roles: dict[str, LinearShape]) -> _T:
             q, k = tr.rotary(q), tr.rotary(k)
         if run.attention in ("sdpa", "flash"):
             out = _fused_attention(tr, q, k, v)
-            if run.device == "cpu" and s.rotary_by_concat and run.attention == "sdpa":
-                # The CPU kernel lays its output out like q: head-major q needs a copy for o_proj.
-                # CUDA kernels always write (b, s, a, d), which needs none.
+            if run.device == "cpu" and (s.rotary_by_concat or run.litgpt) and run.attention == "sdpa":
+                # The CPU kernel lays its output out like q: head-major q (litgpt's always is) needs a
+                # copy for o_proj. CUDA kernels always write (b, s, a, d), which needs none.
                 out = tr.new(out.numel, out.dtype, out.grad)
         else:
             out = _scores_attention(tr, q, k, v)

@@ -30,6 +30,15 @@ def _hf_config(row: dict) -> dict:
     )
     if row["family"] == "llama":
         return dict(common, model_type="llama", num_key_value_heads=row["n_query_groups"], max_position_embeddings=4096)
+    if row["family"] == "gemma":
+        return dict(
+            common,
+            model_type="gemma",
+            num_key_value_heads=row["n_query_groups"],
+            head_dim=row["head_size"],
+            hidden_act="gelu_pytorch_tanh",
+            max_position_embeddings=8192,
+        )
     return dict(
         common,
         model_type="phi",
@@ -49,7 +58,9 @@ def _config(tmp_path: Path, row: dict, implementation: str):
     return validate_config(
         dict(
             model=dict(name=str(folder), dtype="bf16", implementation=implementation),
-            lora=dict(r=row["lora_r"], alpha=16, dropout=0.05, target_modules=row["hf_target_modules"]),
+            lora=None
+            if row["hf_target_modules"] is None
+            else dict(r=row["lora_r"], alpha=16, dropout=0.05, target_modules=row["hf_target_modules"]),
             data=dict(seq_len=row["seq_len"]),
             train=dict(micro_batch_size=row["batch"], device="cpu"),
         )
@@ -60,9 +71,11 @@ def _config(tmp_path: Path, row: dict, implementation: str):
 def test_the_litgpt_walk_keeps_what_litgpt_keeps(tmp_path: Path, row: dict):
     litgpt = estimate_analytic(_config(tmp_path, row, "litgpt"), device="cpu").totals["saved_for_backward"]
     assert litgpt == pytest.approx(row["saved_bytes"], rel=TOLERANCE)
-    # The transformers walk of the same config is far off: the difference is the implementation's.
-    transformers = estimate_analytic(_config(tmp_path, row, "transformers"), device="cpu").totals["saved_for_backward"]
-    assert transformers > row["saved_bytes"] * 1.1
+    # Under LoRA the transformers walk of the same config is far off (peft's fp32 adapters and one
+    # dropout per module, the fp32 logits): the difference is the implementation's.
+    if row["hf_target_modules"] is not None:
+        transformers = estimate_analytic(_config(tmp_path, row, "transformers"), device="cpu")
+        assert transformers.totals["saved_for_backward"] > row["saved_bytes"] * 1.1
 
 
 def test_litgpt_quantises_lm_head_and_keeps_its_own_head_weight():
