@@ -801,9 +801,8 @@ def _transformers_loss_bytes(run: _Run, logits: _T) -> dict[str, int]:
     )
 
 
-LITGPT_HEAD_CHUNK = (
-    128  # finetune/lora.py: model(input_ids, lm_head_chunk_size=128); utils.chunked_cross_entropy(chunk_size=128)
-)
+# finetune/lora.py: model(input_ids, lm_head_chunk_size=128); utils.chunked_cross_entropy(chunk_size=128).
+LITGPT_HEAD_CHUNK = 128
 
 
 def _litgpt_head_dequantised(run: _Run) -> int:
@@ -833,7 +832,9 @@ def _litgpt_loss_bytes(run: _Run, logits: _T) -> dict[str, int]:
         in_flight, backward = 0, logits.storage + cells
     else:
         shifted = 0
-        # The last chunk, sliced to drop its last position, is copied by reshape when b > 1.
+        # The last chunk, sliced to drop its last position, is copied by reshape when b > 1. A quantised
+        # head's dequantisation comes before any log-softmax exists: beside the logits, it counts only
+        # where it outweighs them (the forward moment adds the log-softmax cells to this).
         in_flight = max(chunk if run.batch > 1 else 0, dequantised - cells)
         backward = logits.storage + max(2 * chunk, dequantised)
     return dict(
@@ -1320,6 +1321,8 @@ def _activation_terms(run: _Run, acts: _Activations) -> list[Term]:
         "checkpointed layer input": SRC_CHECKPOINT,
         "norms": SRC_DROPOUT if run.shape.residual_dropout else SRC_MEASURED,
     }
+    if run.litgpt:
+        sources["lora"], sources["attention"] = SRC_LITGPT_LORA, f"{SRC_FLASH}; {SRC_LITGPT}"
     if run.quantization != "none":
         sources["attention"] = sources["mlp"] = SRC_BNB_MATMUL
     sources["bitsandbytes matmul inputs"] = SRC_BNB_1270
