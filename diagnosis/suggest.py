@@ -586,6 +586,13 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
     else:
         why += f": saves {human_bytes(saves)}." if saves else "."
     confidence: Confidence = "high" if _share_of_peak(ctx, saves) > DOMINANT_SHARE else "medium"
+    if cfg is not None and cfg.model.implementation == "litgpt" and cfg.train.num_gpus == 1:
+        # litgpt's finetune scripts checkpoint only under FSDP (activation_checkpointing_policy={Block}).
+        why += (
+            " litgpt's finetune scripts turn it on only with FSDP across devices: on one GPU it takes a change to "
+            "the script (Fabric's FSDPStrategy with activation_checkpointing_policy, or checkpointing each Block)."
+        )
+        confidence = "low"
     return [
         Suggestion(
             "gradient_checkpointing",

@@ -476,3 +476,15 @@ def test_a_post_mortem_placed_in_the_lm_head_proposes_the_chunked_loss_whatever_
     assert "chunked_loss" in categories
     other = {**postmortem, "module": "gpt_neox.layers.3.mlp", "module_stack": ["gpt_neox.layers.3.mlp"]}
     assert "chunked_loss" not in [item.category for item in suggest(Evidence(postmortem=other))]
+
+
+def test_checkpointing_for_a_one_gpu_litgpt_run_says_litgpts_scripts_do_not_offer_it():
+    run = {"data": {"seq_len": 4096}, "train": {"micro_batch_size": 4}}
+    model = {"name": "llama-3-8b", "dtype": "bf16"}
+    litgpt = validate_config({"model": {**model, "implementation": "litgpt"}, **run})
+    transformers = validate_config({"model": model, **run})
+    [lit] = [item for item in suggest(Evidence(config=litgpt)) if item.category == "gradient_checkpointing"]
+    [hf] = [item for item in suggest(Evidence(config=transformers)) if item.category == "gradient_checkpointing"]
+    assert lit.confidence == "low" and "only with FSDP across devices" in lit.why
+    assert hf.confidence != "low" and "litgpt" not in hf.why
+    assert lit.saves_bytes and lit.saves_bytes > 0
