@@ -846,7 +846,9 @@ def _rule_bitsandbytes(ctx: _Context) -> list[Suggestion]:
 
 def _rule_zero_offload(ctx: _Context) -> list[Suggestion]:
     cfg = ctx.ev.config
-    if cfg is None:
+    # litgpt shards with its own FSDP setup (whole Blocks wrapped, checkpointed), which the estimate
+    # does not model, and never with DeepSpeed: no change here would mean what it says for it.
+    if cfg is None or cfg.model.implementation == "litgpt":
         return []
     if cfg.fsdp is not None:
         return _fsdp_sharding(ctx, cfg)

@@ -488,3 +488,8 @@ def test_checkpointing_for_a_one_gpu_litgpt_run_says_litgpts_scripts_do_not_offe
     assert lit.confidence == "low" and "only with FSDP across devices" in lit.why
     assert hf.confidence != "low" and "litgpt" not in hf.why
     assert lit.saves_bytes and lit.saves_bytes > 0
+    # Nor DeepSpeed, which litgpt does not run, for a multi-GPU litgpt plan.
+    several = validate_config({"model": {**model, "implementation": "litgpt"}, **run, "train": {"num_gpus": 4}})
+    assert not [item for item in suggest(Evidence(config=several)) if item.category in ("zero", "offload")]
+    same = validate_config({"model": model, **run, "train": {"num_gpus": 4}})
+    assert [item for item in suggest(Evidence(config=same)) if item.category == "zero"]
