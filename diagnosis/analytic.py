@@ -121,6 +121,13 @@ CUDA_BLOCK_BYTES = 512
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Without double quantization every 64-value block keeps an fp32 absmax.
 NF4_NO_DQ_BYTES_PER_PARAM = 0.5 + 4 / 64
+
+
+def nf4_bytes_per_param(double_quantization: bool) -> float:
+    """Bytes one nf4 weight takes with its scales (model.double_quantization), for every reader."""
+    return NF4_BYTES_PER_PARAM if double_quantization else NF4_NO_DQ_BYTES_PER_PARAM
+
+
 # bitsandbytes 8-bit optimizers: two uint8 states, one fp32 absmax per 256-element block each;
 # tensors under 4096 elements keep 32-bit states (min_8bit_size); 2 × 256 fp32 quantile maps each.
 BNB_BLOCK = 256
@@ -161,7 +168,11 @@ class _Run:
     loss_chunk: int = 0
     # model.implementation litgpt: Lightning's own GPT and its loss (SRC_LITGPT), not transformers'.
     litgpt: bool = False
-    nf4_bytes: float = NF4_BYTES_PER_PARAM
+    double_quantization: bool = True
+
+    @property
+    def nf4_bytes(self) -> float:
+        return nf4_bytes_per_param(self.double_quantization)
 
     @property
     def tokens(self) -> int:
@@ -239,7 +250,7 @@ def _resolve(cfg: RunConfig, shape: ModelShape, device: str, libraries: Librarie
         loss=libraries.loss_layout(shape.model_type),
         loss_chunk=0 if litgpt else cfg.train.loss_chunk_tokens,
         litgpt=litgpt,
-        nf4_bytes=NF4_BYTES_PER_PARAM if cfg.model.double_quantization else NF4_NO_DQ_BYTES_PER_PARAM,
+        double_quantization=cfg.model.double_quantization,
     )
 
 
@@ -973,9 +984,7 @@ def _parameter_terms(run: _Run) -> list[Term]:
         if run.quantization == "nf4":
             quantised = run.blocks(linears, run.nf4_bytes)
             per_param = (
-                "0.5 + 1/64 + 4/16384) B (nf4, double quant)"
-                if run.nf4_bytes == NF4_BYTES_PER_PARAM
-                else "0.5 + 4/64) B (nf4)"
+                "0.5 + 1/64 + 4/16384) B (nf4, double quant)" if run.double_quantization else "0.5 + 4/64) B (nf4)"
             )
             formula, source = f"{weights:,} × ({per_param}", SRC_QLORA
         else:

@@ -197,11 +197,12 @@ def _fsdp_gathered(shape: ModelShape, cfg: RunConfig) -> Gathered:
     full fine-tune also holds the computing unit's unsharded gradient, and the root's (the lm_head
     gradient waits for the embedding's, the last one made)."""
     assert cfg.fsdp is not None
-    from diagnosis.analytic import NF4_BYTES_PER_PARAM  # here: diagnosis.analytic imports this module
+    from diagnosis.analytic import nf4_bytes_per_param  # here: diagnosis.analytic imports this module
 
     compute = _ITEMSIZE[cfg.model.dtype] if cfg.train.mixed_precision == "no" else 2
     linear = shape.attention_parameters() + shape.mlp_parameters()
-    per_weight = {"nf4": NF4_BYTES_PER_PARAM, "int8": 1.0}.get(cfg.model.quantization, compute)
+    nf4 = nf4_bytes_per_param(cfg.model.double_quantization)
+    per_weight = {"nf4": nf4, "int8": 1.0}.get(cfg.model.quantization, compute)
     unit = round(linear * per_weight) + shape.layer_norm_parameters() * compute
     root_parameters = shape.embedding_parameters() + shape.final_norm_parameters() + shape.lm_head_parameters()
     root = root_parameters * compute

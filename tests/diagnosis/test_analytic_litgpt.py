@@ -136,3 +136,20 @@ def test_litgpt_configs_refuse_what_litgpt_does_not_have(override: dict, key: st
     with pytest.raises(ConfigError) as caught:
         validate_config(raw)
     assert [issue.key for issue in caught.value.issues] == [key]
+
+
+def test_double_quantization_moves_the_quantised_weights_and_fsdps_gathered_units_alike():
+    base = dict(
+        model=dict(name="llama-2-7b", dtype="bf16", quantization="nf4"),
+        train=dict(num_gpus=2),
+        fsdp=dict(sharding_strategy="full_shard"),
+    )
+    terms = []
+    for double in (True, False):
+        cfg = validate_config(dict(base, model=dict(base["model"], double_quantization=double)))
+        terms.append({t.name: t.bytes for t in estimate_analytic(cfg).terms})
+    with_dq, without = terms
+    weights = [name for name in with_dq if name.startswith("parameters, quantised linears")]
+    gathered = [name for name in with_dq if name.startswith("FSDP FULL_SHARD gathered units")]
+    assert weights and gathered
+    assert all(without[name] > with_dq[name] for name in weights + gathered)
