@@ -88,6 +88,9 @@ class Point:
     # Library versions the source states ({"bitsandbytes": "0.42.0", ...}): the estimate follows
     # those that change memory (diagnosis.libraries), never the ones installed on this machine.
     versions: dict[str, str] = field(default_factory=dict)
+    # The source's run peaked on its first micro-batch (its loop fed the longest batch first): the
+    # analytic estimate of that micro-batch, with nothing an earlier one leaves behind.
+    first_micro_batch: bool = False
 
     @property
     def model(self) -> str:
@@ -149,9 +152,20 @@ def load_points(path: Path = POINTS_PATH) -> tuple[list[Point], dict[str, dict[s
                 stack=raw.get("stack", ""),
                 expected_gap=raw.get("expected_gap"),
                 versions={str(k): str(v) for k, v in (raw.get("versions") or {}).items()},
+                first_micro_batch=_first_micro_batch(raw),
             )
         )
     return points, model_configs
+
+
+def _first_micro_batch(raw: dict[str, Any]) -> bool:
+    """`peak_micro_batch: first` must say why in the point's assumptions, as every reading does."""
+    where = raw.get("peak_micro_batch", "steady")
+    if where not in ("first", "steady"):
+        raise ValueError(f"{raw['id']}: peak_micro_batch {where!r} is not 'first' or 'steady'")
+    if where == "first" and not any("first micro-batch" in str(line) for line in raw.get("assumptions") or ()):
+        raise ValueError(f"{raw['id']}: peak_micro_batch first needs an assumption naming the first micro-batch")
+    return where == "first"
 
 
 GPU_RECORDINGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpu"
@@ -265,7 +279,7 @@ def evaluate(points: Sequence[Point], model_configs: dict[str, dict[str, Any]], 
     rows = []
     with tempfile.TemporaryDirectory(prefix="oomlens-published-") as tmp:
         for point in points:
-            row = Row(point, describe(point.config))
+            row = Row(point, describe(point.config) + (" first" if point.first_micro_batch else ""))
             rows.append(row)
             try:
                 cfg = build_config(point, model_configs, Path(tmp))
@@ -276,7 +290,12 @@ def evaluate(points: Sequence[Point], model_configs: dict[str, dict[str, Any]], 
             for mode in modes:
                 started = time.perf_counter()
                 try:
-                    estimate = _estimator(mode)(cfg, device="cuda", gpu=point.gpu or None, **point.estimate_versions)
+                    first = {"first_micro_batch": True} if point.first_micro_batch else {}
+                    if first and mode != "analytic":
+                        raise NotImplementedError("the traced estimate steps a steady-state micro-batch only")
+                    estimate = _estimator(mode)(
+                        cfg, device="cuda", gpu=point.gpu or None, **point.estimate_versions, **first
+                    )
                     row.estimated[mode] = int(getattr(estimate, METRIC_LEVEL[point.metric]))
                 except Exception as error:  # noqa: BLE001 - one broken point must not hide the rest
                     row.failure[mode] = _one_line(error)

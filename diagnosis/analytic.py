@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -68,6 +68,11 @@ SRC_CHUNKED_LOSS = (
 SRC_LITGPT = (
     "litgpt model.py (one fused qkv linear; GPT.forward(lm_head_chunk_size=128) returns the logits as a list of "
     "128-token chunks) and utils.chunked_cross_entropy (bf16 cross-entropy per chunk), finetune/lora.py and full.py"
+)
+SRC_LITGPT_LOOP = (
+    "litgpt finetune/lora.py and full.py fit() (0.4.0-0.5.7): `logits = model(input_ids, ...)` and `loss` stay bound "
+    "after backward (loss becomes a float at each log_interval, 1 by default), so the previous micro-batch's graph "
+    "lives until the next forward returns; backward frees saved tensors, not what a custom Function's ctx holds"
 )
 SRC_LITGPT_LORA = "litgpt lora.py LoRAQKVLinear: one lora_dropout on the shared input, lora_A for every enabled q/k/v"
 SRC_FABRIC_NF4 = (
@@ -296,6 +301,9 @@ class _Trace:
         self.total = 0
         # Kept for backward but out of saved-tensor hooks' sight (closures, ctx attributes).
         self.hidden = 0
+        # Storages an autograd ctx holds as a plain attribute: backward does not free them, the graph's
+        # end does (SRC_LITGPT_LOOP), so they may outlive the step that made them.
+        self.ctx_kept: dict[int, int] = {}
         self.tag = "other"
         self._keys = itertools.count(1)
         self.rope: tuple[_T, _T] | None = None
@@ -320,6 +328,12 @@ class _Trace:
     @staticmethod
     def view(t: _T, numel: int) -> _T:
         return _T(numel, t.dtype, t.grad, t.key, t.storage, view=t.view or numel < t.numel)
+
+    def keep_on_ctx(self, t: _T, tag: str | None = None) -> None:
+        """A tensor a custom autograd Function stores on its ctx (bitsandbytes' ctx.tensors)."""
+        self.save(t, tag=tag, hooks_see=False)
+        if t.key:
+            self.ctx_kept[t.key] = t.storage
 
     def save(self, *tensors: _T, tag: str | None = None, hooks_see: bool = True) -> None:
         for t in tensors:
@@ -365,9 +379,9 @@ class _Trace:
         # input is Linear4bit's cast to the compute dtype, a copy of its own per linear when the
         # hidden states are fp32, the hidden states themselves when they are bf16.
         if self.run.quantization == "int8" and x.grad:
-            self.save(x, hooks_see=False)
+            self.keep_on_ctx(x)
         if self.run.bnb_keeps_input and x.grad:
-            self.save(self.cast(x, "bf16"), hooks_see=False, tag="bitsandbytes matmul inputs")
+            self.keep_on_ctx(self.cast(x, "bf16"), tag="bitsandbytes matmul inputs")
         out = self.new(rows * d_out, "bf16", x.grad)
         return self.cast(out, x.dtype)
 
@@ -668,6 +682,9 @@ class _Activations:
     mask: int  # eager attention's (b, 1, s, s) causal mask, kept into backward by checkpointing
     loss_saved: int  # log-softmax output and the shifted labels
     hidden: int  # of the saved bytes, those saved-tensor hooks do not see
+    # Of the saved bytes, those on autograd ctx attributes (bitsandbytes' inputs): freed with the
+    # graph, not by backward, wherever a training loop keeps the graph alive (SRC_LITGPT_LOOP).
+    ctx_kept: int
     logits: int  # lm_head output, alive until forward returns
     # What the loss reads beside the logits: logits.float() when they are 16-bit, and before
     # transformers 4.49 a shifted contiguous copy in the loss's dtype (SRC_TRANSFORMERS_OLD_LOSS).
@@ -705,6 +722,7 @@ def _merge(tr: _Trace, sub: _Trace) -> None:
             tr.saved[key] = size
             tr.total += size
     tr.hidden += sub.hidden
+    tr.ctx_kept.update(sub.ctx_kept)
 
 
 def _walk_layer(tr: _Trace, x: _T) -> tuple[_T, int, _Trace, dict[str, int]]:
@@ -744,11 +762,12 @@ def _walk(run: _Run) -> _Activations:
         mask = tr.total - embedding
     layer_input = x
     x, first, layer, tags = _walk_layer(tr, x)
-    per_layer = later_hidden = 0
+    per_layer = later_hidden = later_ctx = 0
     if s.num_layers > 1:
-        before, layer_input = tr.hidden, x
+        before, before_ctx, layer_input = tr.hidden, sum(tr.ctx_kept.values()), x
         x, per_layer, layer, tags = _walk_layer(tr, x)
         later_hidden = (tr.hidden - before) * (s.num_layers - 2)  # layers 2… hide as much as layer 1
+        later_ctx = (sum(tr.ctx_kept.values()) - before_ctx) * (s.num_layers - 2)
     before = tr.total
     with tr.tagged("head"):
         h = tr.norm(x, run.full_ft)
@@ -768,6 +787,7 @@ def _walk(run: _Run) -> _Activations:
         head=head,
         mask=mask,
         hidden=tr.hidden + later_hidden + loss.pop("unseen"),
+        ctx_kept=sum(tr.ctx_kept.values()) + later_ctx,
         layer_full=_own_bytes(layer, layer_input),
         by_tag=tags,
         layer_tags=dict(layer.by_tag),
@@ -1217,9 +1237,16 @@ def _grad_fractions(run: _Run) -> tuple[float, float]:
 
 
 def _moments(
-    run: _Run, acts: _Activations, st: _Persistent, gathered: Gathered, kept_gradients: int, kept_cache: int = 0
+    run: _Run,
+    acts: _Activations,
+    st: _Persistent,
+    gathered: Gathered,
+    kept_gradients: int,
+    kept_cache: int = 0,
+    first: bool = False,
 ) -> list[_Moment]:
-    """The candidate peaks of a steady-state step (optimizer states already exist).
+    """The candidate peaks of a steady-state step (optimizer states already exist), or with `first`
+    of the run's first micro-batch (no optimizer states, gradients or earlier graph yet).
 
     `kept_gradients`: input gradients FSDP keeps to the end of backward (_fsdp_kept_input_gradients),
     which also keeps every checkpointed input alive through layer 0's backward. `kept_cache`: every
@@ -1227,8 +1254,8 @@ def _moments(
     s = run.shape
     activations = acts.total(s.num_layers)
     # Later micro-batches of an accumulation run forward and backward on top of the gradients.
-    held = st.gradients if run.accum > 1 else 0
-    states = 0 if st.states_paged else st.optimizer_states
+    held = st.gradients if run.accum > 1 and not first else 0
+    states = 0 if st.states_paged or first else st.optimizer_states
     forward_t, backward_t = _layer_transients(run, acts)
     head_grad = run.block(s.vocab_size * s.hidden_size * ITEMSIZE[run.param_dtype]) if run.full_ft else 0
     common = dict(parameters=st.parameters, optimizer_states=states)
@@ -1241,14 +1268,14 @@ def _moments(
     # The embedding's dense gradient is added into a tied lm_head's; accumulation adds every
     # gradient into the previous micro-batches' one tensor at a time.
     embedding_t = head_grad if s.tied_embeddings else 0
-    if run.accum > 1:
+    if run.accum > 1 and not first:
         largest = run.block(s.largest_parameter() * ITEMSIZE[run.param_dtype]) if run.full_ft else 0
         embedding_t += max(head_grad, largest)
     # Kept input gradients keep every checkpointed input alive too; only the head's tensors are gone.
     layer0_activations = (
         activations - acts.head + kept_gradients if kept_gradients else acts.embedding + acts.mask + acts.first_layer
     )
-    return [
+    moments = [
         _moment(
             "forward",
             **common,
@@ -1296,14 +1323,31 @@ def _moments(
             activations=acts.embedding + acts.mask,
             transient=embedding_t + gathered.backward,
         ),
-        _moment(
-            "optimizer",
-            parameters=st.parameters,
-            optimizer_states=st.optimizer_states,
-            gradients=st.gradients,
-            transient=st.optimizer_transient,
-        ),
     ]
+    if run.accum == 1 or not first:  # a first micro-batch that accumulates is not followed by a step
+        moments.append(
+            _moment(
+                "optimizer",
+                parameters=st.parameters,
+                optimizer_states=st.optimizer_states,
+                gradients=st.gradients,
+                transient=st.optimizer_transient,
+            )
+        )
+    if run.litgpt and not first:
+        # The next micro-batch's forward returns its logits while the loop still holds the previous
+        # ones, and through them the previous graph with what its ctx attributes keep (SRC_LITGPT_LOOP).
+        moments.append(
+            _moment(
+                "forward",
+                **common,
+                gradients=held,
+                activations=activations + acts.ctx_kept,
+                logits_loss=2 * acts.logits + _litgpt_head_dequantised(run),
+                transient=gathered.forward,
+            )
+        )
+    return moments
 
 
 # --- the estimate ---------------------------------------------------------------------------------
@@ -1397,6 +1441,31 @@ def _litgpt_logit_terms(run: _Run, acts: _Activations) -> list[Term]:
     return terms
 
 
+PREVIOUS_GRAPH_TERM = "activations: the previous micro-batch's graph, held by litgpt's loop"
+
+
+def _previous_graph_terms(run: _Run, acts: _Activations) -> list[Term]:
+    """What litgpt's loop still holds of the previous micro-batch while the next forward runs."""
+    terms = [
+        Term(
+            "logits of the previous micro-batch, held by litgpt's loop",
+            acts.logits,
+            "b·s·V, until the next forward returns",
+            SRC_LITGPT_LOOP,
+        )
+    ]
+    if acts.ctx_kept:
+        terms.append(
+            Term(
+                PREVIOUS_GRAPH_TERM,
+                acts.ctx_kept,
+                "every 4-bit linear's input, kept by its MatMul4Bit ctx until the graph goes",
+                f"{SRC_LITGPT_LOOP}; {SRC_BNB_1270}",
+            )
+        )
+    return terms
+
+
 def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
     s = run.shape
     notes = []
@@ -1429,12 +1498,10 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
         notes.append(
             "walked as litgpt's own GPT (model.implementation: litgpt): one qkv linear with one LoRA dropout, "
             "adapters in the weights' dtype, the head and a bf16 loss in 128-token chunks held through backward"
-            + (
-                ", lm_head quantised too; estimates like this one were 13-16% below the peaks litgpt published "
-                "for QLoRA runs of its 0.4 releases, for a reason not found yet (bench/RESULTS.md)"
-                if run.quantization != "none"
-                else ""
-            )
+            + (", lm_head quantised too" if run.quantization != "none" else "")
+            + "; its loop holds the previous micro-batch's logits, and with them that graph"
+            + (" and every 4-bit linear's input (bitsandbytes < 0.43.2)" if run.bnb_keeps_input else "")
+            + ", until the next forward returns"
         )
     if cfg.train.num_gpus > 1 and not zero_stage(cfg) and not fsdp_strategy(cfg):
         notes.append("data parallel without ZeRO: every rank holds everything; DDP gradient buckets not counted")
@@ -1478,6 +1545,9 @@ def _kbit_note(run: _Run, cfg: RunConfig, acts: _Activations) -> str | None:
     )
 
 
+_Redo = Callable[[Libraries], MemoryEstimate]  # the same estimate, run by other library versions
+
+
 def estimate_analytic(
     cfg: RunConfig,
     *,
@@ -1487,6 +1557,7 @@ def estimate_analytic(
     transformers: str | None = None,
     torch: str | None = None,
     gpu: str | None = None,
+    first_micro_batch: bool = False,
 ) -> MemoryEstimate:
     """Estimate one training step's memory from formulas (no torch, no transformers).
 
@@ -1496,17 +1567,26 @@ def estimate_analytic(
     `transformers` (and `torch`) are the versions that run the step (a recorded run's, a published
     one's); by default the ones installed here, and current behaviour where there are none. `gpu`
     names the card (its compute capability sets the cuBLAS workspace; diagnosis.gpus).
+
+    By default the step is a steady-state one: earlier micro-batches left their optimizer states,
+    accumulated gradients and whatever graph the training loop still holds. `first_micro_batch`
+    estimates the run's first instead, before any of that exists: where a loop feeds its longest
+    batch first (lit-gpt did), that is where the run peaks.
     """
     shape = shape or shape_for(cfg.model.name)
     libraries = Libraries.that_run(bitsandbytes=bitsandbytes, transformers=transformers, torch=torch)
-    estimate = _estimate(cfg, device, shape, libraries, compute_capability_of(gpu))
+    estimate = _estimate(cfg, device, shape, libraries, compute_capability_of(gpu), first_micro_batch)
+
+    def redo(changed: Libraries) -> MemoryEstimate:
+        return _estimate(cfg, device, shape, changed, first_micro_batch=first_micro_batch)
+
     notes = [
         note
         for note in (
-            _bitsandbytes_note(cfg, device, shape, libraries, estimate),
-            _loss_layout_note(cfg, device, shape, libraries, estimate),
+            _bitsandbytes_note(cfg, libraries, estimate, redo),
+            _loss_layout_note(shape, libraries, estimate, redo),
             _training_cache_note(estimate, libraries, shape),
-            _lost_checkpointing_note(cfg, device, shape, libraries, estimate),
+            _lost_checkpointing_note(cfg, shape, libraries, estimate, redo),
         )
         if note
     ]
@@ -1514,12 +1594,12 @@ def estimate_analytic(
 
 
 def _lost_checkpointing_note(
-    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
+    cfg: RunConfig, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate, redo: _Redo
 ) -> str | None:
     """A run that asks for checkpointing and does not get it needs telling, with what it would save."""
     if not (cfg.model.gradient_checkpointing and libraries.ignores_checkpointing(shape.model_type)):
         return None
-    fixed = _estimate(cfg, device, shape, dataclasses.replace(libraries, transformers=None))
+    fixed = redo(dataclasses.replace(libraries, transformers=None))
     saves = estimate.peak_allocated_bytes - fixed.peak_allocated_bytes
     return (
         f"transformers {libraries.transformers} does not checkpoint {shape.model_type} "
@@ -1539,15 +1619,13 @@ def _training_cache_note(estimate: MemoryEstimate, libraries: Libraries, shape: 
     )
 
 
-def _loss_layout_note(
-    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
-) -> str | None:
+def _loss_layout_note(shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate, redo: _Redo) -> str | None:
     """What today's loss would change, for a run whose transformers computes it the old way: an
     upgrade that moves the peak is worth knowing before it happens."""
     layout = libraries.loss_layout(shape.model_type)
     if layout.is_current:
         return None
-    today = _estimate(cfg, device, shape, dataclasses.replace(libraries, transformers=None))
+    today = redo(dataclasses.replace(libraries, transformers=None))
     change = today.peak_allocated_bytes - estimate.peak_allocated_bytes
     how = "on fp32 logits" if layout.upcast else "in the logits' own dtype"
     effect = f"{'+' if change > 0 else '−'}{human_bytes(abs(change))} on this peak" if change else "not at this peak"
@@ -1557,9 +1635,7 @@ def _loss_layout_note(
     )
 
 
-def _bitsandbytes_note(
-    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, estimate: MemoryEstimate
-) -> str | None:
+def _bitsandbytes_note(cfg: RunConfig, libraries: Libraries, estimate: MemoryEstimate, redo: _Redo) -> str | None:
     """What the bitsandbytes version is worth to this peak, when it matters (4-bit weights)."""
     version = libraries.bitsandbytes
     if cfg.model.quantization != "nf4":
@@ -1567,18 +1643,17 @@ def _bitsandbytes_note(
     keeps = libraries.bnb_keeps_matmul_input
     if not keeps and version is not None:
         return None
-    other = _estimate(
-        cfg, device, shape, dataclasses.replace(libraries, bitsandbytes=None if keeps else OLD_BITSANDBYTES)
-    )
+    other = redo(dataclasses.replace(libraries, bitsandbytes=None if keeps else OLD_BITSANDBYTES))
     differs = human_bytes(abs(estimate.peak_allocated_bytes - other.peak_allocated_bytes))
     if keeps:
         return (
-            f"bitsandbytes {version} keeps every 4-bit linear's input until its backward (bitsandbytes#1270, "
-            f"fixed in 0.43.2): {differs} of this peak, which bitsandbytes >= 0.43.2 saves"
+            f"bitsandbytes {version} keeps every 4-bit linear's input on its autograd ctx, which only the graph's "
+            f"end frees (bitsandbytes#1270, fixed in 0.43.2): {differs} of this peak, which bitsandbytes >= 0.43.2 "
+            "saves"
         )
     return (
         "bitsandbytes is not installed here: estimated as >= 0.43.2; an older one keeps every 4-bit linear's input "
-        f"until its backward (+{differs} on this peak); name the version that runs (--bitsandbytes-version)"
+        f"on its autograd ctx (+{differs} on this peak); name the version that runs (--bitsandbytes-version)"
     )
 
 
@@ -1626,7 +1701,12 @@ def workspaces_term(
 
 
 def _estimate(
-    cfg: RunConfig, device: str, shape: ModelShape, libraries: Libraries, capability: tuple[int, int] | None = None
+    cfg: RunConfig,
+    device: str,
+    shape: ModelShape,
+    libraries: Libraries,
+    capability: tuple[int, int] | None = None,
+    first_micro_batch: bool = False,
 ) -> MemoryEstimate:
     """`capability` is the card's (None: not known); it sets only the workspaces, a constant that
     cancels where two estimates are compared."""
@@ -1654,7 +1734,7 @@ def _estimate(
     gathered = gathered_parameter_bytes(shape, cfg)
     kept_gradients = _fsdp_kept_input_gradients(run, cfg, acts, libraries.checkpoints_reentrantly and run.checkpointing)
     kept_cache = _kept_training_cache(run, libraries)
-    moments = _moments(run, acts, persistent, gathered, kept_gradients, kept_cache)
+    moments = _moments(run, acts, persistent, gathered, kept_gradients, kept_cache, first_micro_batch)
     peak = max(moments, key=lambda moment: moment.total)
     runtime = CUDA_CONTEXT_BYTES if run.device == "cuda" else 0
     terms = [
@@ -1678,6 +1758,8 @@ def _estimate(
                 SRC_GPT_BIGCODE_CACHE,
             )
         )
+    if run.litgpt and not first_micro_batch:
+        terms.extend(_previous_graph_terms(run, acts))
     if kept_gradients:
         terms.append(
             Term(

@@ -837,7 +837,7 @@ def _rule_bitsandbytes(ctx: _Context) -> list[Suggestion]:
     if saves < 64 * MIB:
         return []
     why = (
-        f"bitsandbytes {version} keeps the input of every 4-bit linear until its backward, which never uses it "
+        f"bitsandbytes {version} keeps the input of every 4-bit linear for its backward, which never uses it "
         f"(the frozen weights get no gradient; bitsandbytes#1270, fixed in {fixed}): upgrading saves "
         f"{human_bytes(saves)} and changes nothing else."
     )

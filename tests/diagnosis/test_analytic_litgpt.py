@@ -99,9 +99,9 @@ def test_litgpt_quantises_lm_head_and_keeps_its_own_head_weight():
         hf["parameters, embeddings/norms/head (bf16)"], rel=1e-3
     )
     assert lit["lm_head dequantised for a chunk"] == head * 4
-    # A user planning a litgpt QLoRA run is told how far such estimates fell short of litgpt's own runs.
+    # A user planning a litgpt run is told what the walk counts of litgpt's loop.
     cfg = validate_config(dict(model=dict(model, implementation="litgpt")))
-    assert any("13-16% below the peaks litgpt published" in note for note in estimate_analytic(cfg).notes)
+    assert any("holds the previous micro-batch's logits" in note for note in estimate_analytic(cfg).notes)
 
 
 def test_litgpt_keeps_bf16_logits_in_chunks_and_no_fp32_copy():
@@ -153,3 +153,110 @@ def test_double_quantization_moves_the_quantised_weights_and_fsdps_gathered_unit
     gathered = [name for name in with_dq if name.startswith("FSDP FULL_SHARD gathered units")]
     assert weights and gathered
     assert all(without[name] > with_dq[name] for name in weights + gathered)
+
+
+# --- the previous micro-batch's graph, held by litgpt's loop -----------------------------------------
+QLORA_7B = dict(
+    model=dict(
+        name="llama-2-7b", dtype="bf16", quantization="nf4", prepare_for_kbit_training=False, implementation="litgpt"
+    ),
+    lora=dict(r=32, alpha=16, dropout=0.05, target_modules=["q_proj", "v_proj"]),
+    data=dict(seq_len=512),
+    train=dict(micro_batch_size=2, grad_accum_steps=4, optimizer="paged_adamw"),
+)
+PREVIOUS_GRAPH = "activations: the previous micro-batch's graph, held by litgpt's loop"
+PREVIOUS_LOGITS = "logits of the previous micro-batch, held by litgpt's loop"
+
+
+def test_litgpt_holds_every_4bit_input_of_the_previous_micro_batch_with_old_bitsandbytes():
+    """bitsandbytes 0.42.0's MatMul4Bit sets ctx.tensors = (A, B) for an input that needs a gradient;
+    litgpt's `logits` keeps that graph until the next forward returns. Layer 0's qkv input (the norm
+    of a frozen embedding) needs none; its attention output does, as does every later input."""
+    cfg = validate_config(QLORA_7B)
+    s = shape_for("llama-2-7b")
+    c, i, tokens = s.hidden_size, s.intermediate_size, 2 * 512
+    # qkv, attention output projection, the norm both MLP inputs share, the down projection; then lm_head's.
+    per_layer, layer0, head = 3 * c + i, 2 * c + i, c
+    expected = (per_layer * (s.num_layers - 1) + layer0 + head) * tokens * 2
+
+    steady = estimate_analytic(cfg, bitsandbytes="0.42.0")
+    first = estimate_analytic(cfg, bitsandbytes="0.42.0", first_micro_batch=True)
+    fixed = estimate_analytic(cfg, bitsandbytes="0.43.2")
+    terms = {t.name: t.bytes for t in steady.terms}
+    assert terms[PREVIOUS_GRAPH] == expected
+    assert terms[PREVIOUS_LOGITS] == tokens * s.vocab_size * 2
+    # The held graph sets the peak: the next forward, on top of this one's activations.
+    assert steady.peak_phase == "forward" and first.peak_phase == "backward"
+    held_gradients = steady.totals["gradients"]  # accumulation: the first micro-batch has none yet
+    assert steady.peak_allocated_bytes - first.peak_allocated_bytes == pytest.approx(
+        expected + held_gradients, rel=0.01
+    )
+    # The first micro-batch has no earlier graph; a fixed bitsandbytes keeps no inputs on its ctx.
+    assert PREVIOUS_GRAPH not in {t.name for t in first.terms}
+    assert PREVIOUS_GRAPH not in {t.name for t in fixed.terms}
+    assert fixed.peak_allocated_bytes < first.peak_allocated_bytes
+
+
+def test_only_litgpts_loop_holds_a_previous_graph():
+    hf = dict(QLORA_7B, model=dict(QLORA_7B["model"], implementation="transformers"))
+    names = {t.name for t in estimate_analytic(validate_config(hf), bitsandbytes="0.42.0").terms}
+    assert PREVIOUS_GRAPH not in names and PREVIOUS_LOGITS not in names
+
+
+def test_a_graph_is_freed_by_its_end_not_by_backward_for_what_a_ctx_holds():
+    """The premise on the installed torch, in litgpt's loop shape (`logits = model(x)` rebound each
+    micro-batch): a Function that keeps its input on ctx, as bitsandbytes before 0.43.2 does, keeps it
+    past backward until the next forward returns; one that saves it for backward does not."""
+    import gc
+    import weakref
+
+    import torch
+
+    class KeepsOnCtx(torch.autograd.Function):  # bitsandbytes 0.42.0 MatMul4Bit's bookkeeping
+        @staticmethod
+        def forward(ctx, a, w):
+            ctx.tensors = (a, w)
+            return a @ w.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            _, w = ctx.tensors
+            return grad @ w, None
+
+    class SavesForBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, w):
+            ctx.save_for_backward(a, w)
+            return a @ w.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            _, w = ctx.saved_tensors
+            return grad @ w, None
+
+    def alive_after_backward(function) -> tuple[bool, bool]:
+        w = torch.randn(8, 8)
+        adapter = torch.randn(8, 8, requires_grad=True)
+        alive = {}
+        logits = None
+        for step in range(2):
+            x = torch.randn(4, 8) @ adapter  # needs a gradient, as a LoRA output does
+            weakref.finalize(x.untyped_storage(), alive.__setitem__, step, False)
+            alive[step] = True
+            new_logits = function.apply(x, w)
+            del x
+            gc.collect()
+            if step == 1:
+                during_next_forward = alive[0]
+            logits = new_logits  # the loop's rebinding: the previous graph goes here
+            del new_logits
+            logits.sum().backward()
+            gc.collect()
+            if step == 0:
+                after_backward = alive[0]
+        del logits
+        gc.collect()
+        return after_backward, during_next_forward
+
+    assert alive_after_backward(KeepsOnCtx) == (True, True)
+    assert alive_after_backward(SavesForBackward) == (False, False)

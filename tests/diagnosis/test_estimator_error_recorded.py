@@ -49,3 +49,22 @@ def test_every_published_point_restates_as_a_valid_config(tmp_path):
     for point in points:
         cfg = build_config(point, model_configs, tmp_path)
         assert cfg.model.name, point.id
+
+
+def test_a_point_that_peaks_on_its_first_micro_batch_says_why(tmp_path):
+    """`peak_micro_batch: first` changes what is estimated, so a point must give its reason."""
+    import pytest
+    import yaml
+
+    from bench.estimator_error import load_points
+
+    point = {"id": "p", "source": "s", "metric": "peak_allocated", "bytes": 1, "peak_micro_batch": "first"}
+    path = tmp_path / "points.yaml"
+    path.write_text(yaml.safe_dump({"points": [point]}))
+    with pytest.raises(ValueError, match="needs an assumption"):
+        load_points(path)
+    path.write_text(yaml.safe_dump({"points": [dict(point, assumptions=["first micro-batch: the longest first"])]}))
+    assert load_points(path)[0][0].first_micro_batch
+    path.write_text(yaml.safe_dump({"points": [dict(point, peak_micro_batch="last")]}))
+    with pytest.raises(ValueError, match="'first' or 'steady'"):
+        load_points(path)
