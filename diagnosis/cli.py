@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_bitsandbytes(estimate)
     _add_transformers(estimate)
+    estimate.add_argument(
+        "--first-micro-batch",
+        action="store_true",
+        help="the run's first micro-batch, before optimizer states, accumulated gradients or a graph the loop "
+        "still holds exist (where a run that feeds its longest batch first peaks); analytic only",
+    )
     estimate.add_argument("--json", action="store_true")
 
     fit = commands.add_parser("fit", help="the longest sequence / largest micro-batch that fits")
@@ -257,14 +263,18 @@ def _recorded(run: str, db_url: str | None):
     return evidence_for_run(dataclasses.asdict(record), config, environment)
 
 
-def _estimate(cfg, traced: bool, device: str, versions: dict[str, str | None], gpu: str | None = None):
+def _estimate(
+    cfg, traced: bool, device: str, versions: dict[str, str | None], gpu: str | None = None, first: bool = False
+):
     if traced:
+        if first:
+            raise InputError("--first-micro-batch is analytic only: the traced estimate steps a steady-state one")
         from diagnosis.traced import estimate_traced
 
         return estimate_traced(cfg, device=device, gpu=gpu, **versions)
     from diagnosis.analytic import estimate_analytic
 
-    return estimate_analytic(cfg, device=device, gpu=gpu, **versions)
+    return estimate_analytic(cfg, device=device, gpu=gpu, first_micro_batch=first, **versions)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
@@ -277,9 +287,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         "transformers": args.transformers_version,
         "torch": args.torch_version,
     }
-    result = _estimate(cfg, args.traced, args.device, versions, args.gpu)
+    result = _estimate(cfg, args.traced, args.device, versions, args.gpu, args.first_micro_batch)
     data = result.to_json(capacity)
-    lines = [f"peak allocated  {human_bytes(result.peak_allocated_bytes)}  ({result.mode}, at {result.peak_phase})"]
+    step = ", first micro-batch" if args.first_micro_batch else ""
+    lines = [
+        f"peak allocated  {human_bytes(result.peak_allocated_bytes)}  ({result.mode}{step}, at {result.peak_phase})"
+    ]
     lines += [f"  {key:<18}{human_bytes(value)}" for key, value in data["breakdown"].items()]
     lines.append(f"peak reserved   {human_bytes(result.peak_reserved_bytes)}")
     lines.append(f"device          {human_bytes(result.device_bytes)}")

@@ -151,6 +151,23 @@ def test_an_analytic_estimate_in_words_says_how_far_to_trust_it():
     assert result.stdout.rstrip().endswith(f"accuracy: {trust_text(measured_error())}")
 
 
+def test_the_first_micro_batch_is_estimated_before_the_optimizer_states_exist():
+    """A full fine-tune's AdamW states appear at the first optimizer.step(): the first forward and
+    backward run without them, so step 1 can fit where step 2 does not."""
+    full = ["--set", "model.name=llama-3.2-1b", "--set", "lora=null", "--set", "model.dtype=bf16"]
+    full += ["--set", "data.seq_len=4096", "--set", "train.micro_batch_size=2", "--json"]
+    steady = json.loads(diagnosis("estimate", *full).stdout)
+    result = diagnosis("estimate", *full, "--first-micro-batch")
+    assert result.returncode == 0, result.stderr
+    first = json.loads(result.stdout)
+    assert first["breakdown"]["optimizer_states"] == 0 < steady["breakdown"]["optimizer_states"]
+    assert first["peak_allocated_bytes"] == steady["peak_allocated_bytes"] - steady["breakdown"]["optimizer_states"]
+    words = diagnosis("estimate", "--set", "model.name=llama-3.2-1b", "--first-micro-batch")
+    assert "(analytic, first micro-batch, at " in words.stdout
+    traced = diagnosis("estimate", "--set", "model.name=tiny-llama", "--traced", "--first-micro-batch")
+    assert traced.returncode == 2 and "analytic only" in traced.stderr and "Traceback" not in traced.stderr
+
+
 def test_fit_answers_in_words_and_in_json():
     llama_3_8b = ("--set", "model.name=llama-3-8b", "--set", "model.dtype=bf16", "--gpu", "RTX-4090")
     fits = diagnosis("fit", *llama_3_8b)
