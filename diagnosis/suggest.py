@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from collector.readings import HEAD_MODULES, LOSS_MODULE
+from diagnosis.analytic import PREVIOUS_GRAPH_TERM
 from diagnosis.estimate import MemoryEstimate
 from diagnosis.failed_request import (
     ATTENTION,
@@ -580,6 +581,12 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
             whole = estimated
             why += f", {human_bytes(whole)} for the whole step (estimated)"
         why += _peak_text(ctx)
+    held = {term.name: term.bytes for term in ctx.base.terms}.get(PREVIOUS_GRAPH_TERM) if ctx.base else None
+    if held:
+        why += (
+            f"; litgpt's loop also holds the previous micro-batch's 4-bit inputs ({human_bytes(held)}), which a "
+            "checkpointed step does not keep"
+        )
     if saves and whole is not None and saves > whole and ctx.device == "cuda":
         # The saving is on the device, where the allocator's reserve grows and shrinks with the tensors.
         why += f": saves {human_bytes(saves)} on the device, the allocator's reserve on those bytes included."
