@@ -1459,7 +1459,8 @@ def _previous_graph_terms(run: _Run, acts: _Activations) -> list[Term]:
             Term(
                 PREVIOUS_GRAPH_TERM,
                 acts.ctx_kept,
-                "every 4-bit linear's input, kept by its MatMul4Bit ctx until the graph goes",
+                f"every {'8' if run.quantization == 'int8' else '4'}-bit linear's input, kept on its bitsandbytes "
+                "matmul's ctx until the graph goes",
                 f"{SRC_LITGPT_LOOP}; {SRC_BNB_1270}",
             )
         )
@@ -1501,6 +1502,7 @@ def _notes(run: _Run, cfg: RunConfig, device: str) -> list[str]:
             + (", lm_head quantised too" if run.quantization != "none" else "")
             + "; its loop holds the previous micro-batch's logits, and with them that graph"
             + (" and every 4-bit linear's input (bitsandbytes < 0.43.2)" if run.bnb_keeps_input else "")
+            + (" and every 8-bit linear's input" if run.quantization == "int8" else "")
             + ", until the next forward returns"
         )
     if cfg.train.num_gpus > 1 and not zero_stage(cfg) and not fsdp_strategy(cfg):

@@ -584,8 +584,8 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
     held = {term.name: term.bytes for term in ctx.base.terms}.get(PREVIOUS_GRAPH_TERM) if ctx.base else None
     if held:
         why += (
-            f"; litgpt's loop also holds the previous micro-batch's 4-bit inputs ({human_bytes(held)}), which a "
-            "checkpointed step does not keep"
+            "; litgpt's loop also holds the previous micro-batch's quantised-linear inputs "
+            f"({human_bytes(held)}), which a checkpointed step does not keep"
         )
     if saves and whole is not None and saves > whole and ctx.device == "cuda":
         # The saving is on the device, where the allocator's reserve grows and shrinks with the tensors.

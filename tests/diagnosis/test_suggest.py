@@ -502,7 +502,7 @@ def test_checkpointing_for_litgpt_qlora_names_the_previous_micro_batch_it_holds(
     cfg = validate_config({"model": {**model, "prepare_for_kbit_training": False}, "data": {"seq_len": 512}})
     old = Evidence(config=cfg, bitsandbytes_version="0.42.0")
     [item] = [s for s in suggest(old) if s.category == "gradient_checkpointing"]
-    assert "also holds the previous micro-batch's 4-bit inputs (" in item.why
+    assert "also holds the previous micro-batch's quantised-linear inputs (" in item.why
     fixed = Evidence(config=cfg, bitsandbytes_version="0.43.2")
     [item] = [s for s in suggest(fixed) if s.category == "gradient_checkpointing"]
     assert "previous micro-batch" not in item.why
