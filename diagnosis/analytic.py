@@ -70,9 +70,10 @@ SRC_LITGPT = (
     "128-token chunks) and utils.chunked_cross_entropy (bf16 cross-entropy per chunk), finetune/lora.py and full.py"
 )
 SRC_LITGPT_LOOP = (
-    "litgpt finetune/lora.py and full.py fit() (0.4.0-0.5.7): `logits = model(input_ids, ...)` and `loss` stay bound "
-    "after backward (loss becomes a float at each log_interval, 1 by default), so the previous micro-batch's graph "
-    "lives until the next forward returns; backward frees saved tensors, not what a custom Function's ctx holds"
+    "litgpt finetune/lora.py and full.py fit() (read in 0.4.0, 0.4.5, 0.4.9, 0.4.13, 0.5.0, 0.5.3, 0.5.7): "
+    "`logits = model(input_ids, ...)` and `loss` stay bound after backward (loss becomes a float at each "
+    "log_interval, 1 by default), so the previous micro-batch's graph lives until the next forward returns; "
+    "backward frees saved tensors, not what a custom Function's ctx holds"
 )
 SRC_LITGPT_LORA = "litgpt lora.py LoRAQKVLinear: one lora_dropout on the shared input, lora_A for every enabled q/k/v"
 SRC_FABRIC_NF4 = (
