@@ -141,6 +141,10 @@ def train(training: Training, monitor: StepMonitor, first_step: int = 1) -> None
             training.scaler.scale(loss).backward()
             # Summed on the device: no host sync inside the step.
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            # Unbound now, the graph goes with it: left bound to the next assignment it would live through
+            # the next forward and the optimizer step, with what bitsandbytes' int8 matmuls (and 4-bit ones
+            # before 0.43.2) keep on their ctx (diagnosis.analytic.SRC_LITGPT_LOOP: litgpt's loop does that).
+            del loss
         monitor.after_backward()
         monitor.enter("optimizer")
         training.scaler.step(training.optimizer)

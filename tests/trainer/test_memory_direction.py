@@ -112,3 +112,41 @@ def test_every_preset_trains(preset):
     targets = ["c_attn"] if preset == "tiny-gpt2" else ["q_proj", "v_proj"]
     samples = measure(model={"name": preset}, lora={"target_modules": targets}, data={"seq_len": 64})
     assert len(samples) == 2 and all(s.loss is not None for s in samples)
+
+
+def test_the_loop_frees_a_micro_batchs_graph_before_the_next_forward(monkeypatch):
+    """What a matmul keeps on its autograd ctx (bitsandbytes' int8 inputs, 4-bit ones before 0.43.2)
+    lives as long as the graph: a loop that leaves `loss` bound carries it through the optimizer step
+    and the next forward, as litgpt's does. The runner's loop must not."""
+    import weakref
+
+    import trainer.loop as loop
+
+    class KeepsOnCtx(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, loss):  # noqa: ANN001
+            ctx.kept = torch.ones(1024)  # a stand-in for bitsandbytes' ctx.tensors
+            weakref.finalize(ctx.kept.untyped_storage(), freed.append, True)
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001
+            return grad
+
+    freed: list[bool] = []
+    made: list[int] = []
+    real = loop.causal_lm_loss
+
+    def loss_keeping_a_ctx_tensor(*args):
+        # At each forward after the first, the previous micro-batch's graph must be gone already.
+        assert len(freed) == len(made), "the previous micro-batch's graph is still alive"
+        made.append(1)
+        return KeepsOnCtx.apply(real(*args))
+
+    monkeypatch.setattr(loop, "causal_lm_loss", loss_keeping_a_ctx_tensor)
+    cfg = validate_config({"train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum_steps": 2}})
+    training = setup(cfg, torch.device("cpu"))
+    monitor = StepMonitor(training.built.model, training.optimizer, torch.device("cpu"), lambda sample: None)
+    train(training, monitor)
+    monitor.close()
+    assert len(made) == 4 and len(freed) == 4
