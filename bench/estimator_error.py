@@ -290,12 +290,12 @@ def evaluate(points: Sequence[Point], model_configs: dict[str, dict[str, Any]], 
             for mode in modes:
                 started = time.perf_counter()
                 try:
-                    first = {"first_micro_batch": True} if point.first_micro_batch else {}
-                    if first and mode != "analytic":
-                        raise NotImplementedError("the traced estimate steps a steady-state micro-batch only")
+                    first = {"first_micro_batch": True} if point.first_micro_batch and mode == "analytic" else {}
                     estimate = _estimator(mode)(
                         cfg, device="cuda", gpu=point.gpu or None, **point.estimate_versions, **first
                     )
+                    if point.first_micro_batch and not first:  # after the estimator's own refusal, if any
+                        raise NotImplementedError("the traced estimate steps a steady-state micro-batch only")
                     row.estimated[mode] = int(getattr(estimate, METRIC_LEVEL[point.metric]))
                 except Exception as error:  # noqa: BLE001 - one broken point must not hide the rest
                     row.failure[mode] = _one_line(error)
