@@ -1612,7 +1612,7 @@ def _lost_checkpointing_note(
 
 
 def _training_cache_note(estimate: MemoryEstimate, libraries: Libraries, shape: ModelShape) -> str | None:
-    kept = {term.name: term.bytes for term in estimate.terms}.get(KEPT_CACHE_TERM)
+    kept = estimate.term_bytes(KEPT_CACHE_TERM)
     if not kept:
         return None
     return (

@@ -90,6 +90,10 @@ class MemoryEstimate:
     def device_bytes(self) -> int:
         return self.peak_reserved_bytes + self.runtime_overhead_bytes
 
+    def term_bytes(self, name: str) -> int | None:
+        """The bytes of the named term, None where this estimate has none by that name."""
+        return next((term.bytes for term in self.terms if term.name == name), None)
+
     def fits(self, capacity_bytes: int) -> bool:
         return self.device_bytes <= capacity_bytes
 

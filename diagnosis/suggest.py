@@ -581,7 +581,7 @@ def _rule_checkpointing(ctx: _Context) -> list[Suggestion]:
             whole = estimated
             why += f", {human_bytes(whole)} for the whole step (estimated)"
         why += _peak_text(ctx)
-    held = {term.name: term.bytes for term in ctx.base.terms}.get(PREVIOUS_GRAPH_TERM) if ctx.base else None
+    held = ctx.base.term_bytes(PREVIOUS_GRAPH_TERM) if ctx.base else None
     if held:
         why += (
             "; litgpt's loop also holds the previous micro-batch's quantised-linear inputs "
